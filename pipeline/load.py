@@ -1,0 +1,47 @@
+"""Load stage: a pretrained causal LM and its tokenizer, from safetensors only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.assets import embedded_model_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(cfg: Mapping) -> str:
+    """Local folder or Hub id of the model that ``cfg`` names, checked before any work."""
+    if cfg["source"] == "embedded":
+        return str(embedded_model_dir())
+    if cfg["source"] != "pretrained":
+        raise ValueError(f"model.source must be 'embedded' or 'pretrained', got {cfg['source']!r}")
+    path = cfg.get("path")
+    if not path:
+        raise ValueError("model.path is required for a pretrained model: a local folder or a Hub id")
+    path = str(path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"model.path {path!r} is not a folder")
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def load_model(cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+    path = resolve_model_path(cfg)
+    trust = bool(cfg.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    # use_safetensors=True: never unpickle a model file (a .bin checkpoint is refused).
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[cfg["dtype"]], use_safetensors=True, trust_remote_code=trust
+    )
+    model.eval()
+    log.info("loaded %s (%s, %.1fM parameters)", path, type(model).__name__, model.num_parameters() / 1e6)
+    return model, tokenizer

@@ -1,0 +1,133 @@
+"""Profile stage: memory as stored, and speed as a ratio to the reference in the same process.
+
+Memory counts every weight the model keeps: packed codes, scales, zero points and biases of
+quantized layers plus all other parameters (tied tensors once). Kernel-specific layouts that a
+layer builds for speed are reported apart, as ``kernel_cache_bytes``.
+
+Speed: a prefill of ``prompt_tokens`` then ``decode_tokens`` greedy steps with a KV cache,
+timed for the reference and the quantized model alternately, ``repeats`` times after warm-up,
+with ``threads`` threads; medians are reported and ratios computed from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from pipeline.quant.linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def _unique_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
+    seen = set()
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            yield p
+
+
+def memory_metrics(model: nn.Module, reference_param_count: int, reference_bytes: int) -> dict[str, float]:
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quant_bytes = sum(m.weight_bytes for m in qlayers)
+    quant_weights = sum(m.in_features * m.out_features for m in qlayers)
+    other_bytes = sum(p.numel() * p.element_size() for p in _unique_parameters(model))
+    weight_bytes = quant_bytes + other_bytes
+    metrics = {
+        "weight_bytes": float(weight_bytes),
+        "weight_mb": weight_bytes / 2**20,
+        "bits_per_weight_model": 8 * weight_bytes / reference_param_count,
+        "compression_ratio": reference_bytes / weight_bytes,
+        "mem_reduction_vs_fp16_pct": 100 * (1 - weight_bytes / (2 * reference_param_count)),
+        "kernel_cache_bytes": float(sum(m.kernel_cache_bytes for m in qlayers)),
+        "quantized_layers": float(len(qlayers)),
+    }
+    # Over quantized layers; a model with none reports its parameters' own width.
+    if quant_weights:
+        metrics["bits_per_weight"] = 8 * quant_bytes / quant_weights
+    else:
+        metrics["bits_per_weight"] = 8 * other_bytes / reference_param_count
+    return metrics
+
+
+def parameter_footprint(model: nn.Module) -> tuple[int, int]:
+    """(number of weights, bytes) of a float model, tied tensors counted once."""
+    params = list(_unique_parameters(model))
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+# -- peak RSS -----------------------------------------------------------------------------------
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the high-water mark (VmHWM) of this process."""
+    if not _CLEAR_REFS.exists():
+        raise RuntimeError("peak RSS measurement needs Linux /proc/self/clear_refs")
+    _CLEAR_REFS.write_text("5")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+# -- speed --------------------------------------------------------------------------------------
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def time_generation(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation with a KV cache."""
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    prefill = time.perf_counter() - start
+    next_ids = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(-1)
+    return prefill, time.perf_counter() - start
+
+
+def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping) -> dict[str, float]:
+    prompt_len, decode_tokens = int(cfg["prompt_tokens"]), int(cfg["decode_tokens"])
+    metrics = {}
+    with torch_threads(int(cfg["threads"])):
+        for batch in cfg["batch_sizes"]:
+            if tokens.numel() < batch * prompt_len:
+                raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
+            prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
+            timings = {"quant": [], "ref": []}
+            for i in range(int(cfg["warmup"]) + int(cfg["repeats"])):
+                for key, m in (("ref", reference), ("quant", model)):
+                    t = time_generation(m, prompt, decode_tokens)
+                    if i >= int(cfg["warmup"]):
+                        timings[key].append(t)
+            med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in timings.items()}
+            suffix = "" if batch == 1 else f"_b{batch}"
+            metrics[f"prefill_ms{suffix}"] = 1000 * med["quant"][0]
+            metrics[f"prefill_ms_ref{suffix}"] = 1000 * med["ref"][0]
+            metrics[f"decode_tok_s{suffix}"] = batch * decode_tokens / med["quant"][1]
+            metrics[f"decode_tok_s_ref{suffix}"] = batch * decode_tokens / med["ref"][1]
+            metrics[f"speedup_vs_ref{suffix}"] = med["ref"][1] / med["quant"][1]
+            metrics[f"prefill_speedup_vs_ref{suffix}"] = med["ref"][0] / med["quant"][0]
+    return metrics

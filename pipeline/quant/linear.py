@@ -1,0 +1,141 @@
+"""QuantLinear: a linear layer that stores packed integer weights and runs a real kernel if one fits.
+
+Storage (what ``weight_bytes`` counts) is always the canonical form: bit-packed codes, scales,
+zero points (packed at the weight's width when integer) and bias. A layer whose configuration a
+real low-bit kernel supports also keeps that kernel's own layout (``kernel_cache_bytes``);
+otherwise it dequantizes on every call and says so in ``kernel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.quant import kernels
+from pipeline.quant.packing import pack, unpack
+from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """Activation quantization of a layer's input: static (calibrated scale) or dynamic per token."""
+
+    spec: QuantSpec
+    mode: str  # "static" | "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"activation mode must be 'static' or 'dynamic', got {self.mode!r}")
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        spec: QuantSpec,
+        block_size: tuple[int, int],
+        bias: torch.Tensor | None = None,
+        activation: ActivationQuant | None = None,
+        activation_scale: torch.Tensor | None = None,
+        kernel_preference: str = "auto",
+    ) -> None:
+        super().__init__()
+        if activation is not None and activation.mode == "static" and activation_scale is None:
+            raise ValueError("static activation quantization needs a calibrated activation_scale")
+        self.out_features, self.in_features = codes.shape
+        self.spec, self.block_size, self.activation = spec, tuple(block_size), activation
+        # Codes are stored unsigned: symmetric codes are offset by 2**(bits-1) before packing.
+        self._offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+        self.register_buffer("packed", pack(codes.to(torch.int32) + self._offset, spec.bits))
+        self.register_buffer("scale", scale)
+        self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
+        self._zero_shape = None if zero_point is None else tuple(zero_point.shape)
+        if self._int_zero:
+            zero_point = pack(zero_point, spec.bits)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("activation_scale", activation_scale)
+        self.kernel, self.kernel_note = "dequant", ""
+        if kernel_preference == "auto":
+            self.kernel, self.kernel_note = kernels.select(self)
+        elif kernel_preference != "dequant":
+            raise ValueError(f"kernel preference must be 'auto' or 'dequant', got {kernel_preference!r}")
+        self._kernel_state = kernels.prepare(self.kernel, self)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        spec: QuantSpec,
+        block_size: tuple[int, int],
+        bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> QuantLinear:
+        """Round-to-nearest quantization of a float weight (the RTN baseline of every method)."""
+        scale, zero = choose_qparams(weight, spec, block_size)
+        return cls(quantize(weight, scale, zero, spec, block_size), scale, zero, spec, block_size, bias, **kwargs)
+
+    # -- stored form -------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Integer codes (int32, signed for symmetric specs) of shape (out, in)."""
+        numel = self.out_features * self.in_features
+        return (unpack(self.packed, self.spec.bits, numel) - self._offset).reshape(self.out_features, -1)
+
+    def zero_points(self) -> torch.Tensor | None:
+        if self.zero_point is None or not self._int_zero:
+            return self.zero_point
+        n = self._zero_shape[0] * self._zero_shape[1]
+        return unpack(self.zero_point, self.spec.bits, n).reshape(self._zero_shape)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes(), self.scale, self.zero_points(), self.block_size, dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight: packed codes + scales + zero points + bias."""
+        return _tensor_bytes(self.packed, self.scale, self.zero_point, self.bias, self.activation_scale)
+
+    @property
+    def kernel_cache_bytes(self) -> int:
+        return _tensor_bytes(*self._kernel_state.values())
+
+    # -- compute -----------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes and per-row scales of a 2-D input (static: one calibrated scale)."""
+        spec = self.activation.spec
+        if self.activation.mode == "static":
+            scale = self.activation_scale.reshape(1, 1).expand(x.shape[0], 1)
+        else:
+            scale, _ = choose_qparams(x, spec, (1, x.shape[1]))
+        q = (x / scale.float()).round().clamp(spec.qmin, spec.qmax)
+        return q, scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)
+        if self.kernel == "dequant":
+            if self.activation is not None:
+                q, s = self.quantize_input(x2d.float())
+                x2d = (q * s).to(x.dtype)
+            y = F.linear(x2d, self.dequantized_weight(x.dtype), None)
+        else:
+            y = kernels.run(self.kernel, self, x2d, self._kernel_state)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        act = "" if self.activation is None else f", act={self.activation.mode}{self.activation.spec.bits}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
+            f"sym={self.spec.symmetric}, block={self.block_size}{act}, kernel={self.kernel}"
+        )

@@ -1,0 +1,169 @@
+"""Affine quantization primitives: choose qparams, quantize, dequantize.
+
+One mechanism covers every granularity through ``block_size``, as in torchao: a 2-D tensor of
+shape (rows, cols) is cut into blocks of ``block_size = (block_rows, block_cols)`` and each block
+gets one scale (and one zero point when asymmetric).
+
+- per-tensor:   block_size = (rows, cols)
+- per-channel:  block_size = (1, cols)       (one scale per output row of a weight)
+- group-wise:   block_size = (1, group_size) (groups along the input dimension)
+- per-token:    block_size = (1, cols) applied to activations of shape (tokens, features)
+
+Affine map: ``x ≈ (q - zero_point) * scale``. Symmetric quantization has no zero point and a
+signed integer range; asymmetric has an integer (or, optionally, float) zero point and an
+unsigned range ``[0, 2**bits - 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+ZERO_POINT_DOMAINS = ("int", "float")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor. Pure data, hashable, shared by weights and activations."""
+
+    bits: int
+    symmetric: bool
+    zero_point_domain: str = "int"  # "int": integer zero point; "float": float zero (Q4_1-style)
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
+        if self.zero_point_domain not in ZERO_POINT_DOMAINS:
+            raise ValueError(
+                f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, got {self.zero_point_domain!r}"
+            )
+        if self.symmetric and self.bits == 2:
+            # A symmetric grid without a zero point at 2 bits is ternary {-1, 0, 1}: it wastes a
+            # level and is strictly worse than asymmetric 2-bit, so we refuse it.
+            raise ValueError(
+                "2-bit symmetric quantization has only the levels {-1, 0, +1}; "
+                "use symmetric=false (asymmetric, 4 levels with a zero point) for 2 bits"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) + 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def _check_block_size(shape: torch.Size, block_size: tuple[int, int]) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(shape)}")
+    for dim, (size, block) in enumerate(zip(shape, block_size)):
+        if block <= 0 or size % block:
+            raise ValueError(
+                f"block_size {tuple(block_size)} does not tile shape {tuple(shape)} "
+                f"(dimension {dim}: {size} is not a multiple of {block})"
+            )
+
+
+def _blocks(x: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """View (rows, cols) as (n_row_blocks, n_col_blocks, block_rows * block_cols)."""
+    rows, cols = x.shape
+    br, bc = block_size
+    return (
+        x.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3).reshape(rows // br, cols // bc, br * bc)
+    )
+
+
+def _expand(p: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """Broadcast per-block parameters (n_row_blocks, n_col_blocks) back to element shape."""
+    br, bc = block_size
+    return p.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+
+
+def choose_qparams(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+    *,
+    min_val: torch.Tensor | None = None,
+    max_val: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) for each block of ``x``, in ``spec.scale_dtype``.
+
+    ``min_val``/``max_val`` (per block) override the block's range: observers and clipping
+    searches pass a narrowed range here instead of writing a second qparams routine.
+    Returns ``(scale, zero_point)``; ``zero_point`` is None for symmetric specs.
+    """
+    _check_block_size(x.shape, block_size)
+    blocks = _blocks(x.float(), block_size)
+    lo = blocks.amin(dim=-1) if min_val is None else min_val.float()
+    hi = blocks.amax(dim=-1) if max_val is None else max_val.float()
+    if spec.symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / spec.qmax
+        return scale.clamp_min(eps).to(spec.scale_dtype), None
+    if spec.zero_point_domain == "int":
+        # Keep 0.0 exactly representable (padding, ReLU zeros) as GPTQ and torchao do.
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(eps).to(spec.scale_dtype)
+    # The zero point is computed from the scale as stored, so dequantization uses the same value.
+    zero = spec.qmin - lo / scale.float()
+    if spec.zero_point_domain == "int":
+        zero = zero.round().clamp(spec.qmin, spec.qmax).to(torch.uint8)
+    else:
+        zero = zero.to(spec.scale_dtype)
+    return scale, zero
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+) -> torch.Tensor:
+    """Integer codes of ``x``: int8 for symmetric specs, uint8 for asymmetric ones."""
+    _check_block_size(x.shape, block_size)
+    q = x.float() / _expand(scale.float(), block_size)
+    if zero_point is not None:
+        q = q + _expand(zero_point.float(), block_size)
+    q = q.round().clamp(spec.qmin, spec.qmax)
+    return q.to(torch.int8 if spec.symmetric else torch.uint8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    block_size: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Float values ``(q - zero_point) * scale`` in ``dtype``."""
+    _check_block_size(q.shape, block_size)
+    x = q.float()
+    if zero_point is not None:
+        x = x - _expand(zero_point.float(), block_size)
+    return (x * _expand(scale.float(), block_size)).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, int]) -> torch.Tensor:
+    """Round trip through the grid (round-to-nearest), same shape and dtype as ``x``."""
+    scale, zero = choose_qparams(x, spec, block_size)
+    return dequantize(quantize(x, scale, zero, spec, block_size), scale, zero, block_size, x.dtype)
+
+
+def block_size_for(shape: torch.Size, granularity: str, group_size: int | None = None) -> tuple[int, int]:
+    """The block size that a named granularity means for a 2-D tensor of ``shape``."""
+    rows, cols = shape
+    if granularity == "per_tensor":
+        return (rows, cols)
+    if granularity == "per_channel":
+        return (1, cols)
+    if granularity == "group":
+        if group_size is None or group_size <= 0:
+            raise ValueError(f"granularity=group needs a positive group_size, got {group_size!r}")
+        return (1, group_size)
+    raise ValueError(f"granularity must be one of per_tensor, per_channel, group; got {granularity!r}")

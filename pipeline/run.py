@@ -1,0 +1,123 @@
+"""One run: load -> calibrate -> quantize -> evaluate -> profile, recorded in MLflow.
+
+Every check that can fail on bad input runs before the MLflow run starts or before the first
+expensive stage. An exception ends the MLflow run as FAILED with whatever it had logged.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlflow
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import calibrate, evaluate, profile, quantize, tracking
+from pipeline.data import calibration_batches
+from pipeline.load import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def check_method(method: Mapping) -> None:
+    """Validate a method config without a model (bits, symmetry, granularity, activations)."""
+    if method["algorithm"] == "none":
+        return
+    quantize.weight_spec(method)
+    quantize.check_granularity(method)
+    quantize.activation_quant(method)
+    act = method.get("activations")
+    if act and act["mode"] == "static" and act["observer"] not in calibrate.OBSERVERS:
+        raise ValueError(f"unknown observer {act['observer']!r}; allowed: {', '.join(calibrate.OBSERVERS)}")
+
+
+def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    extra = [o for o in overrides if not o.startswith(("method=", "experiment=", "model="))]
+    return " ".join([f"{cfg.model.name}/{cfg.method.name}", *extra])
+
+
+def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None) -> dict[str, float]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    method = container["method"]
+    check_method(method)
+    evaluate.check_protocol(container["eval"], None)
+    model_path = resolve_model_path(container["model"])
+    experiment_id = tracking.setup(container["tracking"])
+    torch.manual_seed(cfg.seed)
+
+    name = cfg.tracking.run_name or run_name(cfg, list(overrides))
+    tags = {
+        "method": method["name"], "family": method["family"], "algorithm": method["algorithm"],
+        "bits": str(method["bits"]), "granularity": str(method["granularity"]),
+        "model": cfg.model.name, "overrides": " ".join(overrides),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as active:
+        try:
+            mlflow.log_params({**tracking.flatten(container), **tracking.provenance(), "model.resolved_path": model_path})
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            if cfg.model.caveat:
+                mlflow.set_tag("caveat", cfg.model.caveat)
+            metrics = _stages(cfg, container, model_path)
+            mlflow.log_metrics(metrics)
+            log.info("run %s finished: %s", active.info.run_id, {k: round(v, 4) for k, v in metrics.items()})
+            return {**metrics, "run_id": active.info.run_id}
+        finally:
+            if log_file is not None and log_file.exists():
+                mlflow.log_artifact(str(log_file))
+
+
+def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, float]:
+    method, eval_cfg = container["method"], container["eval"]
+    model, tokenizer = load_model(container["model"])
+    evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None))
+    quantizing = method["algorithm"] != "none"
+    if quantizing:
+        selected, _ = quantize.select_layers(model, container["layers"])
+        quantize.check_group_size(method, selected)
+    n_params, ref_bytes = profile.parameter_footprint(model)
+
+    tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
+    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"])
+    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg)
+    metrics: dict[str, float] = {}
+
+    stats = None
+    if quantizing and quantize.needs_calibration(method):
+        start = time.perf_counter()
+        batches = calibration_batches(tokenizer, container["data"])
+        stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=cfg.seed)
+        metrics["calibrate_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    records = quantize.quantize_model(model, method, container["layers"], stats, kernels=cfg.kernels)
+    metrics["quantize_s"] = time.perf_counter() - start
+    del stats
+    gc.collect()
+    _log_layer_table(records)
+
+    profile.reset_peak_rss()
+    start = time.perf_counter()
+    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg)
+    metrics.update(evaluate.compare(scores, reference))
+    metrics["eval_s"] = time.perf_counter() - start
+    metrics["peak_rss_mb"] = profile.peak_rss_mb()
+    metrics.update(profile.memory_metrics(model, n_params, ref_bytes))
+    metrics["dequant_layers"] = float(sum(r.kernel == "dequant" for r in records))
+    if cfg.profile.enabled:
+        start = time.perf_counter()
+        reference_model = load_model(container["model"])[0] if quantizing else model
+        metrics.update(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
+        metrics["profile_s"] = time.perf_counter() - start
+    return metrics
+
+
+def _log_layer_table(records: list[quantize.LayerRecord]) -> None:
+    rows = [r.as_dict() for r in records]
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    mlflow.log_table(columns, "layers.json")
+    kernels = sorted({r.kernel for r in records if r.kernel})
+    mlflow.set_tag("kernels", ",".join(kernels) or "none")

@@ -1,0 +1,106 @@
+"""MLflow: where runs go, what every run records about its origin, and checks before work starts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STORE = REPO / "mlruns"
+PACKAGES = ("torch", "transformers", "mlflow", "hydra-core", "optuna", "lm_eval", "safetensors")
+
+
+def tracking_uri(cfg: Mapping) -> str:
+    """Config first, then MLFLOW_TRACKING_URI, then sqlite under mlruns/."""
+    return cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the MLflow store folder {folder}: {e}") from e
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the MLflow store folder {folder} is not writable; set tracking.uri elsewhere")
+
+
+def setup(cfg: Mapping) -> str:
+    """Point MLflow at the store, check it answers, and return the experiment id.
+
+    Raises before any work if the store is unwritable or the server unreachable.
+    """
+    uri = tracking_uri(cfg)
+    artifact_root = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        _check_writable(db.parent)
+        artifact_root = (db.parent / "artifacts").resolve()
+        _check_writable(artifact_root)
+    elif uri.startswith(("http://", "https://")):
+        # Fail fast rather than retrying for minutes against a server that is not there.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+    name = cfg["experiment"]
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            location = (artifact_root / name).as_uri() if artifact_root else None
+            return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as e:
+        raise ConnectionError(f"MLflow tracking store {uri} is not usable: {e}") from e
+    return experiment.experiment_id
+
+
+def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for mlflow.log_params."""
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def provenance() -> dict[str, str]:
+    """Code, packages and hardware behind a run."""
+    info = {
+        "git.commit": _git("rev-parse", "HEAD"),
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
+        "host.python": platform.python_version(),
+        "host.platform": platform.platform(),
+        "host.cpu_count": str(os.cpu_count()),
+        "host.processor": _cpu_model(),
+    }
+    for package in PACKAGES:
+        try:
+            info[f"pkg.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[f"pkg.{package}"] = "not installed"
+    return info
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
