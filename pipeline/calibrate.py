@@ -78,7 +78,7 @@ def observe_range(stats: ActivationStats, spec: QuantSpec, observer: str, percen
     if observer == "percentile":
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-        k = max(1, int(round(values.numel() * percentile / 100)))
+        k = max(1, round(values.numel() * percentile / 100))
         return float(values.kthvalue(k).values)
     # mse: the clip that minimizes the round-trip error of the sampled values.
     x = torch.cat(stats.samples).reshape(1, -1)

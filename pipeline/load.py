@@ -37,11 +37,11 @@ def load_model(cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
     path = resolve_model_path(cfg)
     trust = bool(cfg.get("trust_remote_code", False))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     # use_safetensors=True: never unpickle a model file (a .bin checkpoint is refused).
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[cfg["dtype"]], use_safetensors=True, trust_remote_code=trust
     )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     model.eval()
     log.info("loaded %s (%s, %.1fM parameters)", path, type(model).__name__, model.num_parameters() / 1e6)
     return model, tokenizer

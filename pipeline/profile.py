@@ -122,7 +122,9 @@ def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, 
                     t = time_generation(m, prompt, decode_tokens)
                     if i >= int(cfg["warmup"]):
                         timings[key].append(t)
-            med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in timings.items()}
+            med = {
+                k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in timings.items()
+            }
             suffix = "" if batch == 1 else f"_b{batch}"
             metrics[f"prefill_ms{suffix}"] = 1000 * med["quant"][0]
             metrics[f"prefill_ms_ref{suffix}"] = 1000 * med["ref"][0]

@@ -199,8 +199,9 @@ def quantize_model(
         codes, scale, zero = algorithm(weight, spec, block, None if stats is None else stats.get(name))
         act_scale = None
         if act is not None and act.mode == "static":
-            clip = observe_range(stats[name], act.spec, method["activations"]["observer"],
-                                 method["activations"].get("percentile", 99.99))
+            clip = observe_range(
+                stats[name], act.spec, method["activations"]["observer"], method["activations"].get("percentile", 99.99)
+            )
             act_scale = torch.tensor(max(clip, 1e-8) / act.spec.qmax)
         bias = getattr(module, "bias", None)
         qlayer = QuantLinear(codes, scale, zero, spec, block, bias, act, act_scale, kernels)
@@ -208,10 +209,18 @@ def quantize_model(
         _set_module(model, name, qlayer)
         records.append(
             LayerRecord(
-                layer=name, shape=str(tuple(weight.shape)), quantized=True, reason="selected",
-                bits=spec.bits, granularity=method["granularity"], block_size=str(block),
-                rel_error=float(error), kernel=qlayer.kernel, kernel_note=qlayer.kernel_note,
-                weight_bytes=qlayer.weight_bytes, kernel_cache_bytes=qlayer.kernel_cache_bytes,
+                layer=name,
+                shape=str(tuple(weight.shape)),
+                quantized=True,
+                reason="selected",
+                bits=spec.bits,
+                granularity=method["granularity"],
+                block_size=str(block),
+                rel_error=float(error),
+                kernel=qlayer.kernel,
+                kernel_note=qlayer.kernel_note,
+                weight_bytes=qlayer.weight_bytes,
+                kernel_cache_bytes=qlayer.kernel_cache_bytes,
             )
         )
     log.info("quantized %d layers (%s)", len(selected), ", ".join(sorted({r.kernel for r in records if r.kernel})))

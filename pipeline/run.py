@@ -51,13 +51,19 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
 
     name = cfg.tracking.run_name or run_name(cfg, list(overrides))
     tags = {
-        "method": method["name"], "family": method["family"], "algorithm": method["algorithm"],
-        "bits": str(method["bits"]), "granularity": str(method["granularity"]),
-        "model": cfg.model.name, "overrides": " ".join(overrides),
+        "method": method["name"],
+        "family": method["family"],
+        "algorithm": method["algorithm"],
+        "bits": str(method["bits"]),
+        "granularity": str(method["granularity"]),
+        "model": cfg.model.name,
+        "overrides": " ".join(overrides),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as active:
         try:
-            mlflow.log_params({**tracking.flatten(container), **tracking.provenance(), "model.resolved_path": model_path})
+            mlflow.log_params(
+                {**tracking.flatten(container), **tracking.provenance(), "model.resolved_path": model_path}
+            )
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             if cfg.model.caveat:
                 mlflow.set_tag("caveat", cfg.model.caveat)

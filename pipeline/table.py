@@ -52,7 +52,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     runs["delta_ppl_pct"] = 100 * (runs["metrics.ppl"] / runs["metrics.ppl_ref"] - 1)
     runs = runs.sort_values(["metrics.bits_per_weight", "metrics.ppl"], ascending=[False, True])
-    table = pd.DataFrame({name: runs[field] if field in runs else None for name, (field, _) in COLUMNS.items()})
+    table = pd.DataFrame({name: runs.get(field, None) for name, (field, _) in COLUMNS.items()})
     return table.reset_index(drop=True)
 
 

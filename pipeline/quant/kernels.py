@@ -29,7 +29,7 @@ def _per_row(layer: QuantLinear) -> bool:
 
 def _int4_group(layer: QuantLinear) -> int | None:
     """The int4 kernel group size that represents this layer's blocks exactly, if any."""
-    block_rows, block_cols = layer.block_size
+    _block_rows, block_cols = layer.block_size
     if block_cols in INT4_GROUP_SIZES:
         return block_cols
     if block_cols == layer.in_features:  # per-channel / per-tensor: replicate the scale
@@ -44,8 +44,9 @@ def select(layer: QuantLinear) -> tuple[str, str]:
     if act is not None:
         if spec.bits == 8 and spec.symmetric and _per_row(layer) and act.spec.bits == 8 and act.spec.symmetric:
             return "int8_int_mm", f"int8 x int8 GEMM, {act.mode} activation scales"
-        return "dequant", "no W{}A{} kernel: dequantize + fp32 matmul, activations fake-quantized".format(
-            spec.bits, act.spec.bits
+        return (
+            "dequant",
+            f"no W{spec.bits}A{act.spec.bits} kernel: dequantize + fp32 matmul, activations fake-quantized",
         )
     if spec.bits == 8 and spec.symmetric and _per_row(layer):
         return "aten_int8_weight_only", "bf16 activations"

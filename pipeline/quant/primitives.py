@@ -37,9 +37,7 @@ class QuantSpec:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
         if self.zero_point_domain not in ZERO_POINT_DOMAINS:
-            raise ValueError(
-                f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, got {self.zero_point_domain!r}"
-            )
+            raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, got {self.zero_point_domain!r}")
         if self.symmetric and self.bits == 2:
             # A symmetric grid without a zero point at 2 bits is ternary {-1, 0, 1}: it wastes a
             # level and is strictly worse than asymmetric 2-bit, so we refuse it.
@@ -72,9 +70,7 @@ def _blocks(x: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     """View (rows, cols) as (n_row_blocks, n_col_blocks, block_rows * block_cols)."""
     rows, cols = x.shape
     br, bc = block_size
-    return (
-        x.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3).reshape(rows // br, cols // bc, br * bc)
-    )
+    return x.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3).reshape(rows // br, cols // bc, br * bc)
 
 
 def _expand(p: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:

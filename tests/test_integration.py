@@ -1,0 +1,94 @@
+"""End to end: `python -m pipeline experiment=smoke` on the embedded model, read back from MLflow."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONTRACT_METRICS = [
+    "ppl",
+    "ppl_ref",
+    "kl_vs_ref",
+    "top1_agree",
+    "bits_per_weight",
+    "weight_bytes",
+    "compression_ratio",
+    "peak_rss_mb",
+    "prefill_ms",
+    "decode_tok_s",
+    "speedup_vs_ref",
+    "quantize_s",
+]
+
+
+def _pipeline(store: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "experiment=smoke",
+        f"tracking.uri=sqlite:///{store}/mlflow.db",
+        f"hydra.run.dir={store}/outputs",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("mlruns")
+    done = _pipeline(store)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = _pipeline(store, "method.group_size=100")
+    assert failed.returncode != 0 and "group_size 100 does not divide" in failed.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    return store
+
+
+def _runs():
+    experiment = mlflow.get_experiment_by_name("smoke")
+    return mlflow.search_runs([experiment.experiment_id], output_format="list")
+
+
+def test_smoke_run_logs_the_contract(store):
+    (run,) = [r for r in _runs() if r.info.status == "FINISHED"]
+    for name in CONTRACT_METRICS:
+        assert name in run.data.metrics, name
+    m = run.data.metrics
+    assert 4 < m["bits_per_weight"] < 4.5 and m["compression_ratio"] > 1
+    assert m["ppl"] > m["ppl_ref"] > 1 and m["kl_vs_ref"] > 0 and 0 < m["top1_agree"] < 1
+    p = run.data.params
+    assert p["seed"] == "0" and p["method.name"] == "group_wise" and p["eval.add_special_tokens"] == "False"
+    assert len(p["git.commit"]) in (40, 7) or p["git.commit"] == "unknown"
+    assert p["pkg.torch"].startswith("2.") and "host.processor" in p
+    assert run.data.tags["kernels"] == "aten_int4_groupwise" and "Q4_1" in run.data.tags["caveat"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "layers.json", "__main__.log"} <= artifacts
+    layers = mlflow.MlflowClient().load_table(run.info.experiment_id, "layers.json", run_ids=[run.info.run_id])
+    assert (layers["quantized"].sum(), len(layers)) == (210, 211)  # lm_head kept
+
+
+def test_failed_run_is_marked_failed_and_keeps_what_it_logged(store):
+    (run,) = [r for r in _runs() if r.info.status == "FAILED"]
+    assert run.data.params["method.group_size"] == "100"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert "__main__.log" in artifacts
+
+
+def test_same_config_same_numbers(store):
+    again = _pipeline(store, "profile.enabled=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    finished = sorted((r for r in _runs() if r.info.status == "FINISHED"), key=lambda r: r.info.start_time)
+    first, second = finished[0].data.metrics, finished[-1].data.metrics
+    for name in ("ppl", "kl_vs_ref", "top1_agree", "weight_bytes"):
+        assert first[name] == second[name], name
+
+
+def test_comparison_table_from_the_store(store, tmp_path):
+    from pipeline import table
+
+    text = table.write("smoke", tmp_path)
+    assert "| group_wise |" in text and "Caveat:" in text and (tmp_path / "comparison.csv").exists()

@@ -1,0 +1,121 @@
+import itertools
+
+import pytest
+import torch
+
+from pipeline.quant.packing import pack, packed_numel, unpack
+from pipeline.quant.primitives import (
+    QuantSpec,
+    block_size_for,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
+
+GRANULARITIES = [("per_tensor", None), ("per_channel", None), ("group", 32), ("group", 64)]
+
+
+def _weight(rows=48, cols=128, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity,group", GRANULARITIES)
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, granularity, group):
+    if symmetric and bits == 2:
+        pytest.skip("2-bit symmetric is refused")
+    w = _weight()
+    spec = QuantSpec(bits, symmetric, scale_dtype=torch.float32)
+    block = block_size_for(w.shape, granularity, group)
+    scale, zero = choose_qparams(w, spec, block)
+    q = quantize(w, scale, zero, spec, block)
+    assert int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
+    err = (dequantize(q, scale, zero, block) - w).abs()
+    step = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    assert torch.all(err <= step / 2 + 1e-5)
+
+
+@pytest.mark.parametrize(
+    "granularity,group,shape",
+    [
+        ("per_tensor", None, (1, 1)),
+        ("per_channel", None, (48, 1)),
+        ("group", 32, (48, 4)),
+    ],
+)
+def test_each_granularity_gives_one_scale_per_block(granularity, group, shape):
+    w = _weight()
+    scale, zero = choose_qparams(w, QuantSpec(4, False), block_size_for(w.shape, granularity, group))
+    assert scale.shape == shape and zero.shape == shape
+
+
+def test_symmetric_is_odd_and_keeps_zero():
+    w = _weight()
+    w[0, :5] = 0.0
+    spec = QuantSpec(4, True)
+    block = (1, 32)
+    assert torch.equal(fake_quantize(-w, spec, block), -fake_quantize(w, spec, block))
+    assert torch.all(fake_quantize(w, spec, block)[0, :5] == 0)
+
+
+def test_asymmetric_uses_the_whole_range_of_a_shifted_tensor():
+    w = _weight().abs() + 3.0  # all positive: symmetric wastes the negative half
+    sym = (fake_quantize(w, QuantSpec(4, True), (1, 32)) - w).pow(2).mean()
+    asym_float = (fake_quantize(w, QuantSpec(4, False, "float"), (1, 32)) - w).pow(2).mean()
+    assert asym_float < sym / 4
+    scale, zero = choose_qparams(w, QuantSpec(4, False, "float"), (1, 32))
+    q = quantize(w, scale, zero, QuantSpec(4, False, "float"), (1, 32))
+    assert int(q.min()) == 0 and int(q.max()) == 15
+
+
+def test_float_zero_point_reproduces_a_q4_1_grid_exactly():
+    # Q4_1: w = d * q + m per block of 32, q in 0..15, both ends of the range in use.
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (16, 128), generator=gen).float()
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    d = torch.rand(16, 4, generator=gen).repeat_interleave(32, 1) + 0.1
+    m = torch.randn(16, 4, generator=gen).repeat_interleave(32, 1)
+    w = d * q + m
+    spec = QuantSpec(4, False, "float", scale_dtype=torch.float32)
+    assert torch.allclose(fake_quantize(w, spec, (1, 32)), w, atol=1e-5)
+    # the integer zero point (our default) is off that grid
+    assert not torch.allclose(fake_quantize(w, QuantSpec(4, False, "int", torch.float32), (1, 32)), w, atol=1e-3)
+
+
+def test_more_bits_less_error():
+    w = _weight()
+    errors = [(fake_quantize(w, QuantSpec(b, False), (1, 32)) - w).pow(2).mean() for b in range(2, 9)]
+    assert all(a > b for a, b in itertools.pairwise(errors))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 3.5])
+def test_bits_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ValueError, match="bits must be an integer in 2..8"):
+        QuantSpec(bits, False)
+
+
+def test_two_bit_symmetric_is_refused_with_the_alternative():
+    with pytest.raises(ValueError, match="symmetric=false"):
+        QuantSpec(2, True)
+
+
+def test_block_that_does_not_tile_is_refused():
+    with pytest.raises(ValueError, match="is not a multiple of 48"):
+        choose_qparams(_weight(cols=100), QuantSpec(4, False), (1, 48))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("numel", [1, 7, 8, 333, 4096])
+def test_packing_round_trips_exactly_at_every_width(bits, numel):
+    codes = torch.randint(0, 2**bits, (numel,), generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_numel(numel, bits)
+    assert torch.equal(unpack(packed, bits, numel), codes.to(torch.int32))
+
+
+def test_packing_refuses_codes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        pack(torch.tensor([0, 8]), 3)

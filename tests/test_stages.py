@@ -1,0 +1,168 @@
+"""Stage tests on tiny models built from configs (no download, seconds each)."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import compose_cfg, method_cfg, tiny_llama
+from omegaconf import OmegaConf
+
+from pipeline import calibrate, evaluate, profile, quantize
+from pipeline.quant.linear import QuantLinear
+
+METHODS = [
+    "fp",
+    "ptq_static",
+    "ptq_dynamic",
+    "weight_only",
+    "per_tensor",
+    "symmetric",
+    "group_wise",
+    "per_channel",
+    "asymmetric",
+]
+
+
+def layers_cfg(*overrides):
+    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
+
+
+def _stats(model, names, seed=0):
+    batches = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(seed))
+    return calibrate.collect_activation_stats(model, names, batches, seed=seed)
+
+
+def test_no_two_presets_are_the_same_config():
+    configs = {name: {k: v for k, v in method_cfg(name).items() if k not in ("name", "family")} for name in METHODS}
+    for a, b in itertools.combinations(METHODS, 2):
+        assert configs[a] != configs[b], f"{a} and {b} are the same configuration"
+
+
+def test_default_selection_is_every_decoder_linear_and_keeps_lm_head(llama):
+    selected, kept = quantize.select_layers(llama, layers_cfg())
+    assert len(selected) == 2 * 7  # q k v o gate up down per block
+    assert kept == {"lm_head": "lm_head kept (layers.quantize_lm_head=false)"}
+    selected, kept = quantize.select_layers(llama, layers_cfg("layers.exclude=[.*mlp.*]"))
+    assert len(selected) == 2 * 4 and all("mlp" in k for k in kept if k != "lm_head")
+
+
+def test_selection_that_matches_nothing_says_what_layers_exist(llama):
+    with pytest.raises(ValueError, match=r"no layer matches .* named like: .*q_proj"):
+        quantize.select_layers(llama, layers_cfg("layers.include=[nothing]"))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_preset_quantizes_and_runs(name, llama):
+    method = method_cfg(name)
+    names = list(quantize.select_layers(llama, layers_cfg())[0])
+    stats = _stats(llama, names) if quantize.needs_calibration(method) else None
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    before = llama(input_ids=ids).logits
+    records = quantize.quantize_model(llama, method, layers_cfg(), stats)
+    after = llama(input_ids=ids).logits
+    assert torch.isfinite(after).all()
+    quantized = [r for r in records if r.quantized]
+    if name == "fp":
+        assert not quantized and torch.equal(before, after)
+        return
+    assert len(quantized) == 14 and all(r.kernel and r.rel_error > 0 for r in quantized)
+    assert sum(isinstance(m, QuantLinear) for m in llama.modules()) == 14
+    assert not torch.equal(before, after)
+    # 8-bit methods stay close to the reference; 4-bit ones less so, but still the same model
+    assert (after - before).norm() / before.norm() < (0.05 if method["bits"] == 8 else 0.5)
+
+
+def test_group_size_that_does_not_divide_names_the_layer_and_valid_sizes(llama):
+    with pytest.raises(
+        ValueError, match=r"group_size 48 does not divide in_features 64 of layer .*q_proj.*: 8, 16, 32, 64"
+    ):
+        quantize.quantize_model(llama, method_cfg("group_wise", "method.group_size=48"), layers_cfg())
+    assert not any(isinstance(m, QuantLinear) for m in llama.modules()), "nothing replaced before the check"
+
+
+def test_group_size_on_a_per_channel_method_is_an_error():
+    with pytest.raises(ValueError, match="only applies to granularity=group"):
+        quantize.check_granularity(method_cfg("per_channel", "method.group_size=64"))
+
+
+def test_override_bits_and_granularity_on_any_method(llama):
+    method = method_cfg("per_channel", "method.bits=3", "method.granularity=group", "method.group_size=32")
+    records = quantize.quantize_model(llama, method, layers_cfg())
+    assert {(r.bits, r.block_size, r.kernel) for r in records if r.quantized} == {(3, "(1, 32)", "dequant")}
+
+
+def test_observers_order_and_static_scale(llama):
+    names = list(quantize.select_layers(llama, layers_cfg())[0])
+    stats = _stats(llama, names)
+    s = stats[names[0]]
+    spec = quantize.activation_quant(method_cfg("ptq_static")).spec
+    minmax = calibrate.observe_range(s, spec, "minmax")
+    assert minmax == pytest.approx(s.absmax)
+    assert calibrate.observe_range(s, spec, "percentile", 99.0) < minmax
+    assert calibrate.observe_range(s, spec, "mse") <= minmax
+    assert s.channel_abs_mean.shape == (64,) and (s.channel_abs_mean > 0).all()
+    with pytest.raises(ValueError, match="allowed: minmax, percentile, mse"):
+        calibrate.observe_range(s, spec, "kl")
+
+
+def test_calibration_is_reproducible(llama):
+    names = list(quantize.select_layers(llama, layers_cfg())[0])[:2]
+    a, b = _stats(llama, names, seed=5), _stats(llama, names, seed=5)
+    assert torch.equal(torch.cat(a[names[0]].samples), torch.cat(b[names[0]].samples))
+
+
+def test_windows_score_every_target_once():
+    assert evaluate.windows(1024, 512, 512) == [(0, 512, 1), (512, 1024, 1)]
+    spans = evaluate.windows(1024, 512, 256)
+    assert spans == [(0, 512, 1), (256, 768, 256), (512, 1024, 256)]
+    with pytest.raises(ValueError, match="stride"):
+        evaluate.windows(1024, 512, 600)
+    with pytest.raises(ValueError, match="at least eval.context"):
+        evaluate.windows(100, 512, 512)
+
+
+def test_scores_against_itself_and_against_a_quantized_copy(llama):
+    eval_cfg = {"context": 32, "stride": 32, "kl_tokens": 40, "batch_size": 2}
+    tokens = torch.randint(0, 512, (128,), generator=torch.Generator().manual_seed(0))
+    ref = evaluate.score(llama, tokens, eval_cfg)
+    assert ref.nll.numel() == 4 * 31 and ref.logprobs.shape == (40, 512)
+    same = evaluate.compare(ref, ref)
+    assert same["kl_vs_ref"] == 0 and same["top1_agree"] == 1 and same["ppl"] == same["ppl_ref"]
+    quantize.quantize_model(llama, method_cfg("group_wise", "method.bits=2", "method.group_size=32"), layers_cfg())
+    worse = evaluate.compare(evaluate.score(llama, tokens, eval_cfg), ref)
+    assert worse["kl_vs_ref"] > 0 and worse["ppl"] != worse["ppl_ref"] and worse["top1_agree"] <= 1
+
+
+def test_context_longer_than_the_model_is_refused():
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 256"):
+        evaluate.check_protocol({"context": 512, "stride": 512, "tokens": 1024, "kl_tokens": 8}, 256)
+
+
+def test_memory_counts_packed_storage(llama):
+    n_params, ref_bytes = profile.parameter_footprint(llama)
+    fp = profile.memory_metrics(llama, n_params, ref_bytes)
+    assert fp["compression_ratio"] == 1 and fp["bits_per_weight"] == 32
+    quantize.quantize_model(llama, method_cfg("group_wise"), layers_cfg())
+    q = profile.memory_metrics(llama, n_params, ref_bytes)
+    assert q["bits_per_weight"] == pytest.approx(4 + 16 / 64 + 4 / 64)
+    linear_weights = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    embedding_bytes = 512 * 64 * 4 + (2 * 2 + 1) * 64 * 4  # tied embedding + norms stay fp32
+    assert q["weight_bytes"] == pytest.approx(linear_weights * 4.3125 / 8 + embedding_bytes)
+    assert q["compression_ratio"] > 1
+
+
+def test_speed_metrics_give_ratios(llama):
+    reference = tiny_llama()
+    tokens = torch.randint(0, 512, (64,))
+    cfg = {"threads": 1, "prompt_tokens": 8, "decode_tokens": 3, "batch_sizes": [1, 2], "warmup": 0, "repeats": 1}
+    m = profile.speed_metrics(llama, reference, tokens, cfg)
+    for key in ("prefill_ms", "decode_tok_s", "speedup_vs_ref", "decode_tok_s_b2", "speedup_vs_ref_b2"):
+        assert m[key] > 0
+
+
+def test_peak_rss_resets():
+    profile.reset_peak_rss()
+    low = profile.peak_rss_mb()
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched
+    assert profile.peak_rss_mb() >= low + 60
+    del block
