@@ -17,9 +17,15 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from pipeline.algorithms.awq import apply_awq
+from pipeline.algorithms.gptq import gptq_quantize
+from pipeline.algorithms.hqq import hqq_quantize
+from pipeline.algorithms.lowrank import lowrank_quantize
+from pipeline.algorithms.sequential import LayerInputs, run_blocks
 from pipeline.calibrate import ActivationStats, observe_range
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
+from pipeline.train import FakeQuantLinear, converted
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,7 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def _float_weight(module: nn.Module) -> torch.Tensor:
+def float_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in), whatever layer type holds it."""
     w = module.weight.detach()
     return w.t().contiguous() if isinstance(module, Conv1D) else w
@@ -122,7 +128,7 @@ def select_layers(model: nn.Module, cfg: Mapping) -> tuple[dict[str, nn.Module],
     lm_head = model.get_output_embeddings()
     selected, kept = {}, {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, (nn.Linear, Conv1D, FakeQuantLinear)):
             continue
         if module is lm_head and not cfg["quantize_lm_head"]:
             kept[name] = "lm_head kept (layers.quantize_lm_head=false)"
@@ -141,27 +147,159 @@ def select_layers(model: nn.Module, cfg: Mapping) -> tuple[dict[str, nn.Module],
 
 
 # -- algorithms --------------------------------------------------------------------------------
-# An algorithm maps (float weight (out, in), spec, block_size, calibration stats or None) to
-# (codes, scale, zero_point). RTN is the baseline; calibration-driven algorithms register here.
-Algorithm = Callable[[torch.Tensor, QuantSpec, tuple, ActivationStats | None], tuple]
+@dataclass
+class QuantizedWeight:
+    """What an algorithm decides for one layer; QuantLinear stores it."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def rtn(weight: torch.Tensor, spec: QuantSpec, block_size: tuple, _stats: ActivationStats | None) -> tuple:
-    scale, zero = choose_qparams(weight, spec, block_size)
-    return quantize(weight, scale, zero, spec, block_size), scale, zero
+def _rtn(weight, spec, block, _inputs, _options) -> QuantizedWeight:
+    scale, zero = choose_qparams(weight, spec, block)
+    return QuantizedWeight(quantize(weight, scale, zero, spec, block), scale, zero)
 
 
-ALGORITHMS: dict[str, Algorithm] = {"rtn": rtn}
+def _gptq(weight, spec, block, inputs: LayerInputs, options) -> QuantizedWeight:
+    hessian = inputs.hessian.hessian
+    if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
+        m = inputs.input_multiplier.double()
+        hessian = hessian * m[:, None] * m[None, :]
+    codes, scale, zero = gptq_quantize(
+        weight,
+        hessian,
+        spec,
+        block,
+        damp=float(options["damp"]),
+        block=int(options["block"]),
+        act_order=bool(options["act_order"]),
+    )
+    return QuantizedWeight(codes, scale, zero)
+
+
+def _hqq(weight, spec, block, _inputs, options) -> QuantizedWeight:
+    codes, scale, zero = hqq_quantize(
+        weight,
+        spec,
+        block,
+        iters=int(options["iters"]),
+        lp_norm=float(options["lp_norm"]),
+        beta=float(options["beta"]),
+        kappa=float(options["kappa"]),
+    )
+    return QuantizedWeight(codes, scale, zero)
+
+
+def _lowrank(weight, spec, block, _inputs, options) -> QuantizedWeight:
+    codes, scale, zero, a, b = lowrank_quantize(
+        weight, spec, block, rank=int(options["rank"]), iters=int(options["iters"])
+    )
+    return QuantizedWeight(codes, scale, zero, (a, b))
+
+
+# name -> (function, needs calibration inputs with a Hessian). Each reads its options from
+# method.<name> (e.g. method.gptq.damp).
+ALGORITHMS: dict[str, tuple[Callable, bool]] = {
+    "rtn": (_rtn, False),
+    "gptq": (_gptq, True),
+    "hqq": (_hqq, False),
+    "lowrank": (_lowrank, False),
+}
+
+
+def check_algorithm(method: Mapping) -> None:
+    name = method["algorithm"]
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown method.algorithm {name!r}; available: none, {', '.join(ALGORITHMS)}")
+    if name != "rtn" and not method.get(name):
+        raise ValueError(f"method.algorithm={name} needs its options under method.{name}")
+
+
+def is_sequential(method: Mapping) -> bool:
+    """GPTQ and AWQ calibrate block by block on the partly quantized model."""
+    return ALGORITHMS[method["algorithm"]][1] or bool(method.get("awq"))
 
 
 def needs_calibration(method: Mapping) -> bool:
     act = method.get("activations")
-    return bool(act and act["mode"] == "static")
+    if method["algorithm"] == "none":
+        return False
+    return bool(act and act["mode"] == "static") or is_sequential(method) or bool(method.get("train"))
+
+
+def layer_method(method: Mapping, name: str) -> Mapping:
+    """The method as it applies to one layer: the first matching ``layer_overrides`` entry wins."""
+    for entry in method.get("layer_overrides") or []:
+        if "pattern" not in entry:
+            raise ValueError(f"each method.layer_overrides entry needs a 'pattern' (a regex), got {entry}")
+        if re.fullmatch(entry["pattern"], name):
+            return {**method, **{k: v for k, v in entry.items() if k != "pattern"}}
+    return method
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _quantize_layer(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    method: Mapping,
+    kernels: str,
+    inputs: LayerInputs | None = None,
+    act_stats: ActivationStats | None = None,
+    input_scale: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+) -> LayerRecord:
+    """Replace one layer by its QuantLinear; ``reference`` is the original float weight (out, in)."""
+    method = layer_method(method, name)
+    spec, act = weight_spec(method), activation_quant(method)
+    weight = float_weight(module).float()
+    if isinstance(module, FakeQuantLinear):  # trained by QAT: it carries its own grid
+        block, result = module.block_size, QuantizedWeight(*converted(module))
+    else:
+        block = block_size_for(weight.shape, method["granularity"], method["group_size"])
+        function, _ = ALGORITHMS[method["algorithm"]]
+        result = function(weight, spec, block, inputs, method.get(method["algorithm"]) or {})
+    act_scale = None
+    if act is not None and act.mode == "static":
+        options = method["activations"]
+        clip = observe_range(act_stats, act.spec, options["observer"], options.get("percentile", 99.99))
+        act_scale = torch.tensor(max(clip, 1e-8) / act.spec.qmax)
+    qlayer = QuantLinear(
+        result.codes,
+        result.scale,
+        result.zero,
+        spec,
+        block,
+        getattr(module, "bias", None),
+        act,
+        act_scale,
+        kernels,
+        lowrank=result.lowrank,
+        input_scale=input_scale,
+    )
+    reference = weight if reference is None else reference
+    error = (qlayer.effective_weight() - reference).norm() / reference.norm().clamp_min(1e-12)
+    _set_module(model, name, qlayer)
+    return LayerRecord(
+        layer=name,
+        shape=str(tuple(weight.shape)),
+        quantized=True,
+        reason="selected",
+        bits=spec.bits,
+        granularity=method["granularity"],
+        block_size=str(block),
+        rel_error=float(error),
+        kernel=qlayer.kernel,
+        kernel_note=qlayer.kernel_note,
+        weight_bytes=qlayer.weight_bytes,
+        kernel_cache_bytes=qlayer.kernel_cache_bytes,
+    )
 
 
 @torch.no_grad()
@@ -171,57 +309,81 @@ def quantize_model(
     layers_cfg: Mapping,
     stats: Mapping[str, ActivationStats] | None = None,
     kernels: str = "auto",
+    calibration: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> list[LayerRecord]:
-    """Replace the selected layers of ``model`` in place; return the per-layer table."""
+    """Replace the selected layers of ``model`` in place; return the per-layer table.
+
+    ``stats`` (activation statistics of the float model) serve static activation quantization;
+    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ).
+    """
     selected, kept = select_layers(model, layers_cfg)
     records = [
-        LayerRecord(layer=n, shape=str(tuple(_float_weight(m).shape)), quantized=False, reason=r)
+        LayerRecord(layer=n, shape=str(tuple(float_weight(m).shape)), quantized=False, reason=r)
         for n, m in model.named_modules()
         if (r := kept.get(n))
     ]
     if method["algorithm"] == "none":
         records += [
-            LayerRecord(layer=n, shape=str(tuple(_float_weight(m).shape)), quantized=False, reason="method fp")
+            LayerRecord(layer=n, shape=str(tuple(float_weight(m).shape)), quantized=False, reason="method fp")
             for n, m in selected.items()
         ]
         return records
-    if method["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"unknown method.algorithm {method['algorithm']!r}; available: {', '.join(ALGORITHMS)}")
-    spec, act = weight_spec(method), activation_quant(method)
-    check_granularity(method)
+    check_algorithm(method)
+    for name in selected:
+        weight_spec(layer_method(method, name))
+        check_granularity(layer_method(method, name))
     check_group_size(method, selected)
-    if needs_calibration(method) and stats is None:
+    act = method.get("activations")
+    if act and act["mode"] == "static" and stats is None:
         raise ValueError("static activation quantization needs calibration statistics")
-    algorithm = ALGORITHMS[method["algorithm"]]
-    for name, module in selected.items():
-        weight = _float_weight(module).float()
-        block = block_size_for(weight.shape, method["granularity"], method["group_size"])
-        codes, scale, zero = algorithm(weight, spec, block, None if stats is None else stats.get(name))
-        act_scale = None
-        if act is not None and act.mode == "static":
-            clip = observe_range(
-                stats[name], act.spec, method["activations"]["observer"], method["activations"].get("percentile", 99.99)
-            )
-            act_scale = torch.tensor(max(clip, 1e-8) / act.spec.qmax)
-        bias = getattr(module, "bias", None)
-        qlayer = QuantLinear(codes, scale, zero, spec, block, bias, act, act_scale, kernels)
-        error = (qlayer.dequantized_weight() - weight).norm() / weight.norm().clamp_min(1e-12)
-        _set_module(model, name, qlayer)
-        records.append(
-            LayerRecord(
-                layer=name,
-                shape=str(tuple(weight.shape)),
-                quantized=True,
-                reason="selected",
-                bits=spec.bits,
-                granularity=method["granularity"],
-                block_size=str(block),
-                rel_error=float(error),
-                kernel=qlayer.kernel,
-                kernel_note=qlayer.kernel_note,
-                weight_bytes=qlayer.weight_bytes,
-                kernel_cache_bytes=qlayer.kernel_cache_bytes,
-            )
+    if is_sequential(method) and calibration is None:
+        raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
+
+    if not is_sequential(method):
+        for name, module in selected.items():
+            records.append(_quantize_layer(model, name, module, method, kernels, act_stats=(stats or {}).get(name)))
+    else:
+        awq_options = method.get("awq")
+
+        def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], _state) -> None:
+            block = model.get_submodule(block_name)
+            originals = {n: float_weight(selected[n]).float().clone() for n in inputs}
+            scales = {}
+            if awq_options:
+                spec = weight_spec(method)
+                scales = apply_awq(
+                    block, block_name, inputs, spec, method["granularity"], method["group_size"], awq_options
+                )
+            for name, layer_inputs in inputs.items():
+                s, folded = scales.get(name, (None, True))
+                reference = originals[name]
+                if s is not None:
+                    layer_inputs.input_multiplier = 1 / s  # the scaled weight now reads x / s
+                    reference = reference * s if folded else reference
+                records.append(
+                    _quantize_layer(
+                        model,
+                        name,
+                        selected[name],
+                        method,
+                        kernels,
+                        inputs=layer_inputs,
+                        act_stats=(stats or {}).get(name),
+                        input_scale=None if folded else (1 / s).to(torch.float16),
+                        reference=reference,
+                    )
+                )
+
+        run_blocks(
+            model,
+            list(selected),
+            calibration,
+            quantize_block,
+            hessian=ALGORITHMS[method["algorithm"]][1],
+            samples_per_batch=int(awq_options["samples_per_batch"]) if awq_options else 0,
+            seed=seed,
         )
-    log.info("quantized %d layers (%s)", len(selected), ", ".join(sorted({r.kernel for r in records if r.kernel})))
+    kernels_used = sorted({r.kernel for r in records if r.kernel})
+    log.info("quantized %d layers (%s)", len(selected), ", ".join(kernels_used))
     return records

@@ -16,7 +16,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, profile, quantize, tracking
+from pipeline import calibrate, evaluate, profile, quantize, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -27,9 +27,12 @@ def check_method(method: Mapping) -> None:
     """Validate a method config without a model (bits, symmetry, granularity, activations)."""
     if method["algorithm"] == "none":
         return
+    quantize.check_algorithm(method)
     quantize.weight_spec(method)
     quantize.check_granularity(method)
     quantize.activation_quant(method)
+    if method.get("train"):
+        train.check_options(method["train"])
     act = method.get("activations")
     if act and act["mode"] == "static" and act["observer"] not in calibrate.OBSERVERS:
         raise ValueError(f"unknown observer {act['observer']!r}; allowed: {', '.join(calibrate.OBSERVERS)}")
@@ -91,15 +94,21 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
     reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg)
     metrics: dict[str, float] = {}
 
-    stats = None
+    stats = batches = None
     if quantizing and quantize.needs_calibration(method):
         start = time.perf_counter()
         batches = calibration_batches(tokenizer, container["data"])
-        stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=cfg.seed)
+        act = method.get("activations")
+        if act and act["mode"] == "static":
+            stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=cfg.seed)
         metrics["calibrate_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    records = quantize.quantize_model(model, method, container["layers"], stats, kernels=cfg.kernels)
+    if quantizing and method.get("train"):
+        metrics["train_s"] = _train_qat(model, selected, method, batches, container, cfg.seed)
+    records = quantize.quantize_model(
+        model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches, seed=cfg.seed
+    )
     metrics["quantize_s"] = time.perf_counter() - start
     del stats
     gc.collect()
@@ -119,6 +128,18 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
         metrics.update(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
         metrics["profile_s"] = time.perf_counter() - start
     return metrics
+
+
+def _train_qat(model, selected: dict, method: dict, batches, container: dict, seed: int) -> float:
+    """The train stage: fake-quantize the selected layers, train them, leave them for packing."""
+    start = time.perf_counter()
+    options = method["train"]
+    train.check_options(options)
+    teacher = load_model(container["model"])[0] if options["loss"] == "kd" else None
+    spec = quantize.weight_spec(method)
+    fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), quantize.float_weight, spec)
+    train.fit(model, fakes, batches, options, seed, teacher, log_step=lambda step, m: mlflow.log_metrics(m, step=step))
+    return time.perf_counter() - start
 
 
 def _log_layer_table(records: list[quantize.LayerRecord]) -> None:

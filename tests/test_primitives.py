@@ -119,3 +119,11 @@ def test_packing_round_trips_exactly_at_every_width(bits, numel):
 def test_packing_refuses_codes_that_do_not_fit():
     with pytest.raises(ValueError, match=r"\[0, 7\]"):
         pack(torch.tensor([0, 8]), 3)
+
+
+@pytest.mark.parametrize("zero_point_domain", ["int", "float"])
+def test_a_constant_block_stays_finite_with_float16_scales(zero_point_domain):
+    w = _weight()
+    w[:, :32] = 0.0
+    out = fake_quantize(w, QuantSpec(4, False, zero_point_domain), (1, 32))
+    assert torch.isfinite(out).all() and torch.equal(out[:, :32], w[:, :32])

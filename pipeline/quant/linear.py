@@ -47,6 +47,8 @@ class QuantLinear(nn.Module):
         activation: ActivationQuant | None = None,
         activation_scale: torch.Tensor | None = None,
         kernel_preference: str = "auto",
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if activation is not None and activation.mode == "static" and activation_scale is None:
@@ -64,6 +66,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("activation_scale", activation_scale)
+        # Low-rank correction W ≈ dequant(codes) + A @ B (LoftQ-style), kept in 16 bits and counted.
+        a, b = lowrank if lowrank is not None else (None, None)
+        self.register_buffer("lowrank_a", a)
+        self.register_buffer("lowrank_b", b)
+        # Per-input-channel multiplier on x (activation-aware scaling that could not be folded).
+        self.register_buffer("input_scale", input_scale)
         self.kernel, self.kernel_note = "dequant", ""
         if kernel_preference == "auto":
             self.kernel, self.kernel_note = kernels.select(self)
@@ -97,12 +105,31 @@ class QuantLinear(nn.Module):
         return unpack(self.zero_point, self.spec.bits, n).reshape(self._zero_shape)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The quantized part only (no low-rank term, no input scale)."""
         return dequantize(self.codes(), self.scale, self.zero_points(), self.block_size, dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight this layer computes with: quantized + low-rank, times the input scale."""
+        w = self.dequantized_weight()
+        if self.lowrank_a is not None:
+            w = w + self.lowrank_a.float() @ self.lowrank_b.float()
+        if self.input_scale is not None:
+            w = w * self.input_scale.float()
+        return w
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of the stored weight: packed codes + scales + zero points + bias."""
-        return _tensor_bytes(self.packed, self.scale, self.zero_point, self.bias, self.activation_scale)
+        return _tensor_bytes(
+            self.packed,
+            self.scale,
+            self.zero_point,
+            self.bias,
+            self.activation_scale,
+            self.lowrank_a,
+            self.lowrank_b,
+            self.input_scale,
+        )
 
     @property
     def kernel_cache_bytes(self) -> int:
@@ -122,6 +149,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2d = x2d * self.input_scale.to(x.dtype)
         if self.kernel == "dequant":
             if self.activation is not None:
                 q, s = self.quantize_input(x2d.float())
@@ -129,6 +158,8 @@ class QuantLinear(nn.Module):
             y = F.linear(x2d, self.dequantized_weight(x.dtype), None)
         else:
             y = kernels.run(self.kernel, self, x2d, self._kernel_state)
+        if self.lowrank_a is not None:
+            y = y + (x2d @ self.lowrank_b.to(x2d.dtype).T) @ self.lowrank_a.to(x2d.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -66,14 +66,14 @@ def _check_block_size(shape: torch.Size, block_size: tuple[int, int]) -> None:
             )
 
 
-def _blocks(x: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+def to_blocks(x: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     """View (rows, cols) as (n_row_blocks, n_col_blocks, block_rows * block_cols)."""
     rows, cols = x.shape
     br, bc = block_size
     return x.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3).reshape(rows // br, cols // bc, br * bc)
 
 
-def _expand(p: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+def expand_blocks(p: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     """Broadcast per-block parameters (n_row_blocks, n_col_blocks) back to element shape."""
     br, bc = block_size
     return p.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
@@ -95,9 +95,12 @@ def choose_qparams(
     Returns ``(scale, zero_point)``; ``zero_point`` is None for symmetric specs.
     """
     _check_block_size(x.shape, block_size)
-    blocks = _blocks(x.float(), block_size)
+    blocks = to_blocks(x.float(), block_size)
     lo = blocks.amin(dim=-1) if min_val is None else min_val.float()
     hi = blocks.amax(dim=-1) if max_val is None else max_val.float()
+    # A constant block has zero range: clamp to a scale the storage dtype can represent (an eps of
+    # 1e-8 would round to 0 in float16 and turn the block into NaNs).
+    eps = max(eps, torch.finfo(spec.scale_dtype).tiny)
     if spec.symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / spec.qmax
         return scale.clamp_min(eps).to(spec.scale_dtype), None
@@ -123,9 +126,9 @@ def quantize(
 ) -> torch.Tensor:
     """Integer codes of ``x``: int8 for symmetric specs, uint8 for asymmetric ones."""
     _check_block_size(x.shape, block_size)
-    q = x.float() / _expand(scale.float(), block_size)
+    q = x.float() / expand_blocks(scale.float(), block_size)
     if zero_point is not None:
-        q = q + _expand(zero_point.float(), block_size)
+        q = q + expand_blocks(zero_point.float(), block_size)
     q = q.round().clamp(spec.qmin, spec.qmax)
     return q.to(torch.int8 if spec.symmetric else torch.uint8)
 
@@ -141,8 +144,8 @@ def dequantize(
     _check_block_size(q.shape, block_size)
     x = q.float()
     if zero_point is not None:
-        x = x - _expand(zero_point.float(), block_size)
-    return (x * _expand(scale.float(), block_size)).to(dtype)
+        x = x - expand_blocks(zero_point.float(), block_size)
+    return (x * expand_blocks(scale.float(), block_size)).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Calibration-driven quantization algorithms (GPTQ, ...) that pick integer codes for a weight."""

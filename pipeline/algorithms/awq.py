@@ -1,0 +1,129 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023), on our primitives.
+
+Salient weights are the ones that meet large activations. Scaling input channel j of W by
+s_j (and the input by 1/s_j) leaves the float layer unchanged but shrinks the relative rounding
+error of the salient channels. Per group of layers that read the same input, we search
+s = mean|x|^alpha over a grid of alpha in [0, 1) for the one that minimizes the group's output
+error on calibration inputs (alpha = 0 is plain RTN, so the search never does worse than RTN
+on that objective). Then, per layer, the clipping range of each quantization block is shrunk
+where that lowers the layer's output error. The scale is folded into the preceding norm when a
+norm produces the input; otherwise the layer keeps 1/s as an explicit, counted input scale.
+
+Simplification vs the paper's code: the error is measured at the outputs of the group's linear
+layers, not of their parent module (attention or MLP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pipeline.algorithms.sequential import LayerInputs
+from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, quantize
+
+
+def _fake_quant(w: torch.Tensor, spec: QuantSpec, block: tuple[int, int]) -> torch.Tensor:
+    scale, zero = choose_qparams(w, spec, block)
+    return dequantize(quantize(w, scale, zero, spec, block), scale, zero, block)
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float((x @ (w - w_hat).T).pow(2).sum())
+
+
+def search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, blocks: list[tuple[int, int]], grid: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Per-input-channel scale s for layers sharing input ``x``; returns (s, error per alpha)."""
+    channel_mean = x.abs().mean(dim=0).clamp_min(1e-6)
+    candidates, errors = [], []
+    for i in range(grid):
+        s = channel_mean.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
+        candidates.append(s)
+        errors.append(
+            sum(_output_error(x, w, _fake_quant(w * s, spec, b) / s) for w, b in zip(weights, blocks, strict=True))
+        )
+    return candidates[min(range(grid), key=errors.__getitem__)], errors
+
+
+def search_clip(
+    x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, block: tuple[int, int], grid: int, max_shrink: float
+) -> torch.Tensor:
+    """Clamp each quantization block of ``w`` to the shrunken range that minimizes output error."""
+    rows, cols = w.shape
+    block_rows, block_cols = block
+    if block_rows != 1:  # per-tensor: one shared range; the per-row search does not apply
+        return w
+    n_groups = cols // block_cols
+    wg = w.reshape(rows, n_groups, block_cols)
+    xg = x.reshape(x.shape[0], n_groups, block_cols)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best_err = torch.full((rows, n_groups), float("inf"))
+    best_ratio = torch.ones(rows, n_groups)
+    for i in range(grid):
+        ratio = 1 - max_shrink * i / grid
+        scale, zero = choose_qparams(w, spec, block, min_val=lo * ratio, max_val=hi * ratio)
+        w_hat = dequantize(quantize(w, scale, zero, spec, block), scale, zero, block).reshape(rows, n_groups, -1)
+        # output error contributed by each (row, group): sum over samples of (x_g . (w_g - w_hat_g))^2
+        err = torch.einsum("ngk,rgk->nrg", xg, wg - w_hat).pow(2).sum(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    limit_lo, limit_hi = (lo * best_ratio)[..., None], (hi * best_ratio)[..., None]
+    return torch.maximum(torch.minimum(wg, limit_hi), limit_lo).reshape(rows, cols)
+
+
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so."""
+    probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0), dtype=norm.weight.dtype)
+    before = norm(probe).float()
+    saved = [p.detach().clone() for p in norm.parameters()]
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    if torch.allclose(norm(probe).float() * s, before, rtol=1e-3, atol=1e-5):
+        return True
+    for p, old in zip(norm.parameters(), saved, strict=True):  # e.g. a (1 + weight) norm: keep s explicit
+        p.copy_(old)
+    return False
+
+
+@torch.no_grad()
+def apply_awq(
+    block: nn.Module,
+    block_name: str,
+    inputs: Mapping[str, LayerInputs],
+    spec: QuantSpec,
+    granularity: str,
+    group_size: int | None,
+    options: Mapping,
+) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Rescale (and clip) the float weights of one block in place.
+
+    Returns, per layer, (s, folded): its input is now divided by s, either by the preceding norm
+    (folded) or by an explicit input scale 1/s that the caller must store in the layer.
+    """
+    modules = dict(block.named_modules())
+    groups: dict[str | None, list[str]] = {}
+    for full, rec in inputs.items():
+        groups.setdefault(rec.producer or f"#{full}", []).append(full)
+    result = {}
+    for producer, members in groups.items():
+        x = inputs[members[0]].sample_matrix()  # members read the same tensor
+        layers = [modules[m.removeprefix(block_name + ".")] for m in members]
+        weights = [layer.weight.float() for layer in layers]
+        blocks = [block_size_for(w.shape, granularity, group_size) for w in weights]
+        s, _ = search_scale(x, weights, spec, blocks, int(options["grid"]))
+        folded = not producer.startswith("#") and _fold_into_norm(modules[producer], s)
+        if not folded:
+            s = 1 / (1 / s).to(torch.float16).float()  # the explicit scale is stored in fp16: use that value
+        for member, layer, w, b in zip(members, layers, weights, blocks, strict=True):
+            scaled = w * s
+            if options["clip"]:
+                scaled = search_clip(x / s, scaled, spec, b, int(options["grid"]), float(options["max_shrink"]))
+            layer.weight.copy_(scaled.to(layer.weight.dtype))
+            result[member] = (s, folded)
+    return result

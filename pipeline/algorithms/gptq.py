@@ -1,0 +1,140 @@
+"""GPTQ: quantize a weight column by column, feeding each column's rounding error back into the
+columns not yet quantized so that the layer output ``X @ W.T`` changes as little as possible.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers". The loss is ``||X W^T - X Wq^T||^2``, whose Hessian with respect to a row of W is
+``H = 2 X^T X``; the optimal update of the remaining columns after quantizing column i is
+``-err_i * Hinv[i, i:] / Hinv[i, i]``, which the upper Cholesky factor of ``H^-1`` gives row by row.
+Updates are applied lazily: exactly within a block of columns, to the rest once per block.
+
+Codes, scales and zero points come out in the format of ``choose_qparams``/``quantize`` for the
+given ``block_size``, so GPTQ is a drop-in replacement for round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n X^T X`` over batches of layer inputs, n = total rows (tokens) seen.
+
+    The sum is kept in float64 so that many calibration batches add up without drift; each batch's
+    product is taken in float32, which is accurate enough and fast on any device.
+    """
+
+    def __init__(self) -> None:
+        self._xtx: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self._xtx is not None and self._xtx.shape[0] != x.shape[1]:
+            raise ValueError(f"inputs have {x.shape[1]} features, earlier batches had {self._xtx.shape[0]}")
+        xtx = (x.T @ x).double()
+        self._xtx = xtx if self._xtx is None else self._xtx + xtx
+        self.rows += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._xtx is None or self.rows == 0:
+            raise ValueError("no inputs were added: the Hessian needs at least one calibration row")
+        return self._xtx * (2.0 / self.rows)
+
+
+def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """H = 2/n * X^T X (float64) from layer inputs of shape (..., in_features)."""
+    acc = HessianAccumulator()
+    acc.add(inputs)
+    return acc.hessian
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``h^-1``: its rows are the error-feedback directions, in order."""
+    lower, info = torch.linalg.cholesky_ex(h)
+    if not info:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info or not torch.isfinite(upper).all():
+        raise ValueError(
+            "GPTQ: the Hessian is not positive definite even after damping; "
+            "increase damp or the number of calibration samples"
+        )
+    return upper
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (codes, scale, zero_point) in exactly the format `choose_qparams`/`quantize` produce for
+    `block_size`, in the ORIGINAL column order, such that dequantize(codes, scale, zero, block_size) is
+    the GPTQ solution.
+
+    Per-tensor and per-channel qparams (and all group qparams when ``act_order``: "static groups")
+    are fixed up front from the weight. Otherwise a group's qparams are chosen from the
+    error-updated weights when the sweep reaches its first column, as the reference code does.
+    ``act_order`` quantizes columns in order of decreasing ``H[i, i]`` (most important first).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+    cols = weight.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(
+            f"Hessian shape {tuple(hessian.shape)} does not match in_features={cols} of the weight "
+            f"(expected ({cols}, {cols}))"
+        )
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float64, copy=True)
+
+    # Inputs that are always zero carry no information: any value works, so quantize zero exactly.
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale, zero = choose_qparams(w, spec, block_size)
+    br, bc = block_size
+    dynamic = bc < cols and not act_order
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = _inverse_cholesky(h).float()
+
+    columns = []
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % bc == 0:
+                # The group as the sweep sees it now: columns in this block are up to date in w1;
+                # those past the block still lack this block's pending update, added here.
+                ahead = w[:, i2 : j + bc] - err[:, :i] @ hinv[i1:j, i2 : j + bc]
+                group = torch.cat([w1[:, i:], ahead], dim=1)[:, :bc]
+                s, z = choose_qparams(group, spec, (br, bc))
+                scale[:, j // bc] = s[:, 0]
+                if zero is not None:
+                    zero[:, j // bc] = z[:, 0]
+            c = int(perm[j]) // bc  # qparams column of this weight column
+            s = scale[:, c].repeat_interleave(br)[:, None]
+            z = None if zero is None else zero[:, c].repeat_interleave(br)[:, None]
+            q = quantize(w1[:, i : i + 1], s, z, spec, (1, 1))
+            columns.append(q)
+            e = (w1[:, i] - dequantize(q, s, z, (1, 1))[:, 0]) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+
+    codes = torch.cat(columns, dim=1)[:, torch.argsort(perm)]
+    return codes, scale, zero

@@ -1,0 +1,150 @@
+"""Block-by-block calibration: the loop GPTQ and AWQ run in.
+
+The calibration batches are run up to the first decoder block; then, for each block in turn, the
+block's inputs are fed through it while hooks record what every selected linear layer sees, the
+caller quantizes that block, and the *quantized* block's outputs become the next block's inputs.
+Later blocks thus calibrate against the errors of earlier ones, as in the GPTQ and AWQ papers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.algorithms.gptq import HessianAccumulator
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """What one linear layer saw during a block's calibration pass."""
+
+    rows: int = 0
+    hessian: HessianAccumulator | None = None  # over all rows, if asked for
+    samples: list[torch.Tensor] = field(default_factory=list)  # a seeded subsample of input rows
+    producer: str | None = None  # the norm layer in the block whose output this layer reads, if any
+    input_multiplier: torch.Tensor | None = None  # set when the layer's input is rescaled after recording
+
+    def sample_matrix(self) -> torch.Tensor:
+        return torch.cat(self.samples)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder blocks: the longest ModuleList of identical-type modules."""
+    best = None
+    for name, module in model.named_modules():
+        uniform = isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+        if uniform and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no ModuleList of blocks)")
+    return best
+
+
+@torch.no_grad()
+def _first_block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor, batch_size: int) -> list:
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items()}))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, batches.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batches[start : start + batch_size], use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    layer_names: list[str],
+    batches: torch.Tensor,
+    quantize_block: Callable[[str, Mapping[str, LayerInputs], list], None],
+    *,
+    hessian: bool,
+    samples_per_batch: int,
+    seed: int,
+    batch_size: int = 8,
+) -> None:
+    """Calibrate and quantize ``model`` block by block.
+
+    ``quantize_block(block_name, inputs_by_layer, block_inputs)`` must replace that block's
+    layers (it may also rescale them); it gets the recorded inputs of each selected layer.
+    """
+    prefix, blocks = decoder_blocks(model)
+    outside = [n for n in layer_names if not n.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(
+            f"calibration-based quantization covers decoder-block layers only; {outside[0]} is outside "
+            f"{prefix} (exclude it or use a data-free algorithm)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    state = _first_block_inputs(model, blocks[0], batches, batch_size)
+    for index, block in enumerate(blocks):
+        block_name = f"{prefix}.{index}"
+        local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
+        if local:
+            inputs = _record(block, local, state, hessian, samples_per_batch, generator)
+            quantize_block(block_name, inputs, state)
+        state = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
+
+
+def _record(
+    block: nn.Module, local: Mapping[str, str], state: list, hessian: bool, samples: int, generator: torch.Generator
+) -> dict[str, LayerInputs]:
+    """Run the block on its inputs once; record each selected layer's inputs and their producer.
+
+    Producers are tracked for norm layers only (what activation-aware scaling can fold into);
+    their outputs are held until the batch is done so that tensor ids cannot be reused.
+    """
+    inputs = {full: LayerInputs() for full in local.values()}
+    produced_by: dict[int, tuple[str, torch.Tensor]] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
+        for name, module in block.named_modules()
+        if "norm" in type(module).__name__.lower()
+    ]
+
+    def record(_module, args, full):
+        x = args[0]
+        rec = inputs[full]
+        rec.producer = produced_by[id(x)][0] if id(x) in produced_by else None
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rec.rows += rows.shape[0]
+        if hessian:
+            rec.hessian = rec.hessian or HessianAccumulator()
+            rec.hessian.add(rows)
+        if samples:
+            idx = torch.randperm(rows.shape[0], generator=generator)[:samples]
+            rec.samples.append(rows[idx])
+
+    modules = dict(block.named_modules())
+    handles += [
+        modules[local_name].register_forward_pre_hook(lambda m, a, full=full: record(m, a, full))
+        for local_name, full in local.items()
+    ]
+    try:
+        for hidden, kwargs in state:
+            _block_output(block, hidden, kwargs)
+            produced_by.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs

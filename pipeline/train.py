@@ -1,0 +1,172 @@
+"""Train stage (QAT only): fake quantization with a straight-through estimator, then real packing.
+
+``prepare`` swaps the selected linear layers for ``FakeQuantLinear``: the forward pass uses the
+weight rounded to the method's grid, the backward pass treats rounding as identity (STE) and
+clipping as a hard cut. With ``learnable_scale`` the per-block scales are parameters trained with
+LSQ's gradient scaling (Esser et al. 2020); otherwise they follow the weights' min-max every step.
+``fit`` trains only those layers (weights and scales) with AdamW, warm-up + cosine schedule and
+gradient clipping, on next-token cross-entropy or on distillation from the float model (``kd``,
+as LLM-QAT does: a few hundred CPU steps cannot teach a new domain, but can teach the quantized
+model to imitate the reference). ``convert`` turns the result into ordinary packed QuantLinears.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, expand_blocks, quantize
+
+log = logging.getLogger(__name__)
+LOSSES = ("ce", "kd")
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.round() - x).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: QuantSpec,
+        block_size: tuple[int, int],
+        learnable_scale: bool,
+    ) -> None:
+        super().__init__()
+        self.spec, self.block_size, self.learnable_scale = spec, block_size, learnable_scale
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        scale, zero = choose_qparams(self.weight.detach(), spec, block_size)
+        self.scale = nn.Parameter(scale.float(), requires_grad=learnable_scale)
+        self.register_buffer("zero", None if zero is None else zero.float())
+        # LSQ: scale gradients by 1/sqrt(elements per block * qmax) so scales learn at the weights' pace.
+        self._grad_scale = 1 / math.sqrt(block_size[0] * block_size[1] * spec.qmax)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.learnable_scale:
+            s = self.scale.clamp_min(1e-8)
+            return (s - s * self._grad_scale).detach() + s * self._grad_scale, self.zero
+        scale, zero = choose_qparams(self.weight.detach(), self.spec, self.block_size)
+        return scale.float(), None if zero is None else zero.float()
+
+    def fake_weight(self) -> torch.Tensor:
+        scale, zero = self.qparams()
+        s = expand_blocks(scale, self.block_size)
+        z = 0 if zero is None else expand_blocks(zero, self.block_size)
+        q = torch.clamp(_round_ste(self.weight / s + z), self.spec.qmin, self.spec.qmax)
+        return (q - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def prepare(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    method: Mapping,
+    learnable_scale: bool,
+    weight_of: Callable[[nn.Module], torch.Tensor],
+    spec: QuantSpec,
+) -> dict[str, FakeQuantLinear]:
+    """Swap ``layers`` (name -> module) for fake-quantized copies; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fakes = {}
+    for name, module in layers.items():
+        weight = weight_of(module).float()
+        block = block_size_for(weight.shape, method["granularity"], method["group_size"])
+        fakes[name] = FakeQuantLinear(weight, getattr(module, "bias", None), spec, block, learnable_scale)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, fakes[name])
+    return fakes
+
+
+def check_options(options: Mapping) -> None:
+    if int(options["steps"]) <= 0:
+        raise ValueError(f"QAT needs method.train.steps > 0, got {options['steps']}")
+    if options["loss"] not in LOSSES:
+        raise ValueError(f"method.train.loss must be one of {', '.join(LOSSES)}, got {options['loss']!r}")
+    if float(options["lr"]) <= 0:
+        raise ValueError(f"method.train.lr must be positive, got {options['lr']}")
+
+
+def fit(
+    model: nn.Module,
+    fakes: Mapping[str, FakeQuantLinear],
+    batches: torch.Tensor,
+    options: Mapping,
+    seed: int,
+    teacher: nn.Module | None = None,
+    log_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[float]:
+    """Train the fake-quantized layers; returns the loss per step."""
+    check_options(options)
+    if options["loss"] == "kd" and teacher is None:
+        raise ValueError("method.train.loss=kd needs the float model as teacher")
+    steps, batch_size = int(options["steps"]), int(options["batch_size"])
+    weights = [f.weight for f in fakes.values()]
+    scales = [f.scale for f in fakes.values() if f.learnable_scale]
+    groups = [{"params": weights, "lr": float(options["lr"])}]
+    if scales:
+        groups.append({"params": scales, "lr": float(options["lr"]) * float(options["scale_lr_multiplier"])})
+    optimizer = torch.optim.AdamW(groups, weight_decay=float(options["weight_decay"]))
+    warmup = round(steps * float(options["warmup_fraction"]))
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    try:
+        for step in range(steps):
+            start = time.perf_counter()
+            ids = batches[torch.randint(0, batches.shape[0], (batch_size,), generator=generator)]
+            loss = loss_on(model, ids, options["loss"], teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(weights + scales, float(options["max_grad_norm"]))
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if log_step is not None:
+                log_step(
+                    step,
+                    {
+                        "train_loss": losses[-1],
+                        "lr": schedule.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "step_s": time.perf_counter() - start,
+                    },
+                )
+    finally:
+        model.eval()
+    log.info("QAT: %d steps, loss %.4f -> %.4f", steps, losses[0], losses[-1])
+    return losses
+
+
+def loss_on(model: nn.Module, ids: torch.Tensor, kind: str, teacher: nn.Module | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, or KL(teacher || model) over the vocabulary at every position."""
+    if kind == "ce":
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    logprobs = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    return F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def converted(fake: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, scale, zero) of a trained layer, in the method's storage dtypes."""
+    scale, zero = fake.qparams()
+    scale = scale.to(fake.spec.scale_dtype)
+    if zero is not None:
+        zero = zero.round().to(torch.uint8) if fake.spec.zero_point_domain == "int" else zero.to(fake.spec.scale_dtype)
+    return quantize(fake.weight, scale, zero, fake.spec, fake.block_size), scale, zero

@@ -1,0 +1,206 @@
+"""The calibration-driven methods on tiny models: the property that defines each, and bad input."""
+
+import copy
+
+import pytest
+import torch
+from conftest import compose_cfg, method_cfg, tiny_llama
+from omegaconf import OmegaConf
+
+from pipeline import quantize, train
+from pipeline.algorithms import awq, sequential
+from pipeline.quant.primitives import QuantSpec
+
+BATCHES = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def layers_cfg(*overrides):
+    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
+
+
+def outlier_llama():
+    """A tiny Llama whose norms create a few large activation channels, as real LLMs have."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for block in model.model.layers:
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.weight[:4] = 20.0
+    return model
+
+
+def _logit_error(model, reference):
+    with torch.no_grad():
+        return float((model(input_ids=BATCHES).logits - reference).norm() / reference.norm())
+
+
+def test_decoder_blocks_and_recorded_inputs():
+    model = tiny_llama()
+    prefix, blocks = sequential.decoder_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 2
+    names = list(quantize.select_layers(model, layers_cfg())[0])
+    seen = {}
+    sequential.run_blocks(
+        model, names, BATCHES, lambda b, inputs, _s: seen.update(inputs), hessian=True, samples_per_batch=16, seed=0
+    )
+    q, o, down = (seen[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"))
+    assert q.producer == "input_layernorm" and o.producer is None and down.producer is None
+    assert q.hessian.hessian.shape == (64, 64) and down.hessian.hessian.shape == (128, 128)
+    assert q.rows == 8 * 32 and q.sample_matrix().shape == (16, 64)
+
+
+def test_awq_scale_search_beats_no_scaling_on_outlier_channels():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=gen)
+    x[:, :4] *= 30
+    w = torch.randn(64, 128, generator=gen)
+    s, errors = awq.search_scale(x, [w], QuantSpec(4, False), [(1, 32)], grid=20)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert min(errors) < 0.9 * errors[0]  # errors[0] is alpha = 0: plain RTN
+
+
+def test_awq_keeps_the_function_at_8_bits_and_beats_rtn_at_3():
+    """Folding into norms and explicit input scales must not change what the model computes."""
+    model = outlier_llama()
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits
+    near_lossless = copy.deepcopy(model)
+    records = quantize.quantize_model(
+        near_lossless, method_cfg("activation_aware", "method.bits=8"), layers_cfg(), calibration=BATCHES
+    )
+    assert _logit_error(near_lossless, reference) < 0.02
+    assert any(r.weight_bytes > 0 for r in records)
+    errors = {}
+    for name in ("group_wise", "activation_aware"):
+        m = copy.deepcopy(model)
+        quantize.quantize_model(
+            m, method_cfg(name, "method.bits=3", "method.group_size=32"), layers_cfg(), calibration=BATCHES
+        )
+        errors[name] = _logit_error(m, reference)
+    assert errors["activation_aware"] < errors["group_wise"]
+
+
+def test_awq_counts_explicit_input_scales():
+    model = tiny_llama()
+    quantize.quantize_model(model, method_cfg("activation_aware"), layers_cfg(), calibration=BATCHES)
+    o_proj, q_proj = model.model.layers[0].self_attn.o_proj, model.model.layers[0].self_attn.q_proj
+    assert q_proj.input_scale is None  # folded into input_layernorm
+    assert o_proj.input_scale is not None and o_proj.input_scale.dtype == torch.float16
+    rtn = tiny_llama()
+    quantize.quantize_model(rtn, method_cfg("group_wise"), layers_cfg())
+    assert o_proj.weight_bytes == rtn.model.layers[0].self_attn.o_proj.weight_bytes + 64 * 2
+
+
+def test_gptq_beats_rtn_on_the_model_output():
+    model = outlier_llama()
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits
+    errors = {}
+    for name, extra in (("group_wise", []), ("gptq", []), ("gptq_act_order", ["method.gptq.act_order=true"])):
+        m = copy.deepcopy(model)
+        method = method_cfg("group_wise" if name == "group_wise" else "gptq", "method.bits=3", *extra)
+        quantize.quantize_model(m, method, layers_cfg(), calibration=BATCHES)
+        errors[name] = _logit_error(m, reference)
+    assert errors["gptq"] < errors["group_wise"] and errors["gptq_act_order"] < errors["group_wise"]
+
+
+def test_sequential_methods_need_calibration_and_block_layers():
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        quantize.quantize_model(tiny_llama(), method_cfg("gptq"), layers_cfg())
+    with pytest.raises(ValueError, match="lm_head is outside model.layers"):
+        quantize.quantize_model(
+            tiny_llama(), method_cfg("gptq"), layers_cfg("layers.quantize_lm_head=true"), calibration=BATCHES
+        )
+
+
+def test_lowrank_counts_its_factors_and_improves_with_rank():
+    errors, sizes = {}, {}
+    for rank in (2, 8, 24):
+        m = tiny_llama()
+        records = quantize.quantize_model(m, method_cfg("lowrank_w4", f"method.lowrank.rank={rank}"), layers_cfg())
+        q = [r for r in records if r.quantized]
+        errors[rank] = sum(r.rel_error for r in q)
+        sizes[rank] = sum(r.weight_bytes for r in q)
+    assert errors[2] > errors[8] > errors[24] and sizes[2] < sizes[8] < sizes[24]
+    # rank 8 on a 64x64 layer adds 8 * (64 + 64) fp16 values
+    assert sizes[8] - sizes[2] == 6 * 2 * sum(
+        o + i for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
+    )
+
+
+def test_lowrank_rank_larger_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match=r"rank must be in 1\.\.63 for a layer of shape"):
+        quantize.quantize_model(tiny_llama(), method_cfg("lowrank_w4", "method.lowrank.rank=100"), layers_cfg())
+
+
+def test_w2_group_beats_2_bit_rtn_and_layer_overrides_keep_layers_wider():
+    model = outlier_llama()
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits
+    rtn, hqq = copy.deepcopy(model), copy.deepcopy(model)
+    quantize.quantize_model(
+        rtn,
+        method_cfg("group_wise", "method.bits=2", "method.group_size=32", "method.zero_point_domain=float"),
+        layers_cfg(),
+    )
+    quantize.quantize_model(hqq, method_cfg("w2_group"), layers_cfg())
+    assert _logit_error(hqq, reference) < _logit_error(rtn, reference)
+    records = quantize.quantize_model(
+        tiny_llama(), method_cfg("w2_group", "method.layer_overrides=[{pattern: '.*down_proj', bits: 4}]"), layers_cfg()
+    )
+    bits = {r.layer.rsplit(".", 1)[-1]: r.bits for r in records if r.quantized}
+    assert bits["down_proj"] == 4 and bits["q_proj"] == 2
+
+
+def test_hqq_refuses_an_integer_zero_point():
+    with pytest.raises(ValueError, match="zero_point_domain=float"):
+        quantize.quantize_model(tiny_llama(), method_cfg("w2_group", "method.zero_point_domain=int"), layers_cfg())
+
+
+def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
+    model = tiny_llama()
+    selected, _ = quantize.select_layers(model, layers_cfg())
+    method = method_cfg(
+        "qat", "method.train.steps=8", "method.train.lr=1e-3", "method.train.loss=ce", "method.train.warmup_fraction=0"
+    )
+    fakes = train.prepare(model, selected, method, True, quantize.float_weight, quantize.weight_spec(method))
+    batch = BATCHES[:2]
+    fake = next(iter(fakes.values()))
+    weight, scale = fake.weight.detach().clone(), fake.scale.detach().clone()
+    with torch.no_grad():
+        before = float(train.loss_on(model, batch, "ce"))
+    logged = []
+    losses = train.fit(model, fakes, batch, method["train"], seed=0, log_step=lambda s, m: logged.append((s, m)))
+    with torch.no_grad():
+        after = float(train.loss_on(model, batch, "ce"))
+    assert after < before and len(losses) == 8 and {"train_loss", "lr"} <= set(logged[0][1])
+    assert not torch.equal(fake.weight, weight) and not torch.equal(fake.scale, scale)
+    assert all(p.grad is None for n, p in model.named_parameters() if "embed" in n)
+    # conversion packs what training converged to
+    records = quantize.quantize_model(model, method, layers_cfg())
+    assert sum(r.quantized for r in records) == 14
+    with torch.no_grad():
+        packed = float(train.loss_on(model, batch, "ce"))
+    assert packed == pytest.approx(after, rel=0.05)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_qat_runs_at_low_bits_with_distillation(bits):
+    model, teacher = tiny_llama(), tiny_llama()
+    method = method_cfg("qat", f"method.bits={bits}", "method.group_size=32", "method.train.steps=2")
+    selected, _ = quantize.select_layers(model, layers_cfg())
+    fakes = train.prepare(model, selected, method, False, quantize.float_weight, quantize.weight_spec(method))
+    losses = train.fit(model, fakes, BATCHES, method["train"], seed=0, teacher=teacher)
+    assert len(losses) == 2 and all(loss >= 0 for loss in losses)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.train.steps=0", "steps > 0"),
+        ("method.train.loss=mse", "loss must be one of ce, kd"),
+        ("method.train.lr=0", "lr must be positive"),
+    ],
+)
+def test_bad_qat_settings_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        train.check_options(method_cfg("qat", override)["train"])
