@@ -136,24 +136,33 @@ def test_w2_group_beats_2_bit_rtn_and_layer_overrides_keep_layers_wider():
     model = outlier_llama()
     with torch.no_grad():
         reference = model(input_ids=BATCHES).logits
-    rtn, hqq = copy.deepcopy(model), copy.deepcopy(model)
-    quantize.quantize_model(
-        rtn,
-        method_cfg("group_wise", "method.bits=2", "method.group_size=32", "method.zero_point_domain=float"),
-        layers_cfg(),
-    )
-    quantize.quantize_model(hqq, method_cfg("w2_group"), layers_cfg())
-    assert _logit_error(hqq, reference) < _logit_error(rtn, reference)
+    rtn, w2 = copy.deepcopy(model), copy.deepcopy(model)
+    quantize.quantize_model(rtn, method_cfg("group_wise", "method.bits=2", "method.group_size=32"), layers_cfg())
+    quantize.quantize_model(w2, method_cfg("w2_group"), layers_cfg(), calibration=BATCHES)
+    assert _logit_error(w2, reference) < _logit_error(rtn, reference)
     records = quantize.quantize_model(
-        tiny_llama(), method_cfg("w2_group", "method.layer_overrides=[{pattern: '.*down_proj', bits: 4}]"), layers_cfg()
+        tiny_llama(),
+        method_cfg("w2_group", "method.layer_overrides=[{pattern: '.*down_proj', bits: 4}]"),
+        layers_cfg(),
+        calibration=BATCHES,
     )
     bits = {r.layer.rsplit(".", 1)[-1]: r.bits for r in records if r.quantized}
     assert bits["down_proj"] == 4 and bits["q_proj"] == 2
 
 
+def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
+    hqq_method = ("method.algorithm=hqq", "method.zero_point_domain=float")
+    errors = {}
+    rtn_method = ("method.algorithm=rtn", "method.zero_point_domain=float")
+    for name, overrides in (("rtn", rtn_method), ("hqq", hqq_method)):
+        records = quantize.quantize_model(tiny_llama(), method_cfg("w2_group", *overrides), layers_cfg())
+        errors[name] = sum(r.rel_error for r in records if r.quantized)
+    assert errors["hqq"] < errors["rtn"]
+
+
 def test_hqq_refuses_an_integer_zero_point():
     with pytest.raises(ValueError, match="zero_point_domain=float"):
-        quantize.quantize_model(tiny_llama(), method_cfg("w2_group", "method.zero_point_domain=int"), layers_cfg())
+        quantize.quantize_model(tiny_llama(), method_cfg("w2_group", "method.algorithm=hqq"), layers_cfg())
 
 
 def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
