@@ -61,6 +61,23 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def by_setting(runs: pd.DataFrame) -> str:
+    """Methods side by side at each (bits, group size): 'ppl / KL / bits per weight' per cell."""
+    runs = runs.assign(
+        setting=runs["params.method.bits"] + "-bit g" + runs["params.method.group_size"].str.replace("None", "channel"),
+        cell=[
+            f"{p:.1f} / {k:.3f} / {b:.2f}"
+            for p, k, b in zip(runs["metrics.ppl"], runs["metrics.kl_vs_ref"], runs["metrics.bits_per_weight"])
+        ],
+    )
+    grid = runs.pivot_table(index="setting", columns="tags.method", values="cell", aggfunc="first")
+    grid = grid.sort_index(key=lambda idx: [(-int(s.split("-")[0]), s) for s in idx])
+    lines = ["| setting | " + " | ".join(grid.columns) + " |", "|" + "---|" * (len(grid.columns) + 1)]
+    for setting, row in grid.iterrows():
+        lines.append(f"| {setting} | " + " | ".join("-" if pd.isna(v) else v for v in row) + " |")
+    return "Cells: perplexity / KL vs reference / bits per weight.\n\n" + "\n".join(lines) + "\n"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     def cell(value, fmt: str) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -89,6 +106,8 @@ def write(experiment: str, out_dir: Path) -> str:
         f"{protocol.get('params.profile.threads')} thread(s), ratio to the reference in the same process.\n"
     )
     text = header + "".join(f"\nCaveat: {c}\n" for c in sorted(caveats)) + "\n" + markdown + "\n"
+    if runs["tags.method"].nunique() > 1 and runs["params.method.bits"].nunique() > 1:
+        text += "\n## By setting\n\n" + by_setting(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(text)
     table.to_csv(out_dir / "comparison.csv", index=False)

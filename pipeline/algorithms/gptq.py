@@ -31,11 +31,14 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self._xtx is not None and self._xtx.shape[0] != x.shape[1]:
-            raise ValueError(f"inputs have {x.shape[1]} features, earlier batches had {self._xtx.shape[0]}")
-        xtx = (x.T @ x).double()
+        self.add_product((x.T @ x).double(), x.shape[0])
+
+    def add_product(self, xtx: torch.Tensor, rows: int) -> None:
+        """Add a precomputed X^T X of ``rows`` rows (layers that share an input share this product)."""
+        if self._xtx is not None and self._xtx.shape != xtx.shape:
+            raise ValueError(f"inputs have {xtx.shape[0]} features, earlier batches had {self._xtx.shape[0]}")
         self._xtx = xtx if self._xtx is None else self._xtx + xtx
-        self.rows += x.shape[0]
+        self.rows += rows
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -116,6 +116,7 @@ def _record(
     """
     inputs = {full: LayerInputs() for full in local.values()}
     produced_by: dict[int, tuple[str, torch.Tensor]] = {}
+    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch; holds x so its id stays unique
     handles = [
         module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
         for name, module in block.named_modules()
@@ -129,8 +130,10 @@ def _record(
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         rec.rows += rows.shape[0]
         if hessian:
+            if id(x) not in products:  # q/k/v (and gate/up) read one tensor: one product for all
+                products[id(x)] = ((rows.T @ rows).double(), x)
             rec.hessian = rec.hessian or HessianAccumulator()
-            rec.hessian.add(rows)
+            rec.hessian.add_product(products[id(x)][0], rows.shape[0])
         if samples:
             idx = torch.randperm(rows.shape[0], generator=generator)[:samples]
             rec.samples.append(rows[idx])
@@ -144,6 +147,7 @@ def _record(
         for hidden, kwargs in state:
             _block_output(block, hidden, kwargs)
             produced_by.clear()
+            products.clear()
     finally:
         for handle in handles:
             handle.remove()
