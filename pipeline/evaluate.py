@@ -57,6 +57,11 @@ def evaluation_tokens(tokenizer, eval_cfg: Mapping, data_cfg: Mapping) -> torch.
 
 def check_protocol(eval_cfg: Mapping, max_positions: int | None) -> None:
     context, kl_tokens = int(eval_cfg["context"]), int(eval_cfg["kl_tokens"])
+    for length in eval_cfg.get("context_lengths") or []:
+        if not 1 < int(length) <= int(eval_cfg["tokens"]):
+            raise ValueError(f"eval.context_lengths entry {length} must be in 2..eval.tokens ({eval_cfg['tokens']})")
+        if max_positions and int(length) > max_positions:
+            raise ValueError(f"eval.context_lengths entry {length} exceeds the model's maximum of {max_positions}")
     if context <= 1:
         raise ValueError(f"eval.context must be > 1, got {context}")
     if max_positions and context > max_positions:
@@ -89,6 +94,23 @@ def score(model, tokens: torch.Tensor, eval_cfg: Mapping) -> Scores:
     return Scores(torch.cat(nll), torch.cat(argmax), torch.cat(kept))
 
 
+@torch.no_grad()
+def perplexity_by_context(model, tokens: torch.Tensor, lengths: list[int], tokens_per_batch: int) -> dict[str, float]:
+    """``ppl_ctx/<len>``: perplexity over disjoint windows of each length on the same tokens."""
+    out = {}
+    for length in lengths:
+        n = tokens.numel() // length * length
+        windows_ = tokens[:n].reshape(-1, length)
+        nll = []
+        batch_size = max(1, tokens_per_batch // length)
+        for i in range(0, windows_.shape[0], batch_size):
+            ids = windows_[i : i + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            nll.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"))
+        out[f"ppl_ctx/{length}"] = math.exp(float(torch.cat(nll).mean()))
+    return out
+
+
 def _model_fingerprint(model_path: str) -> str:
     """Identify a checkpoint by its path and its weight files' names and sizes."""
     files = sorted((p.name, p.stat().st_size) for p in Path(model_path).glob("*.safetensors"))
@@ -109,6 +131,18 @@ def reference_cache_path(model_path: str, model_dtype: str, eval_cfg: Mapping, d
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "reference" / f"{digest}.safetensors"
+
+
+def cached_json(path: Path, compute) -> dict[str, float]:
+    """A small dict of reference results, computed once and kept next to the reference logits."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(result, sort_keys=True))
+    tmp.rename(path)
+    return result
 
 
 def load_or_compute_reference(path: Path, model, tokens: torch.Tensor, eval_cfg: Mapping) -> Scores:

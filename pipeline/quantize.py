@@ -172,8 +172,13 @@ def _gptq(weight, spec, block, inputs: LayerInputs, options) -> QuantizedWeight:
     # 1536x576 layer with another process on the cores: 0.5 s on one thread, 14 s on two).
     with torch_threads(1):
         codes, scale, zero = gptq_quantize(
-            weight, hessian, spec, block,
-            damp=float(options["damp"]), block=int(options["block"]), act_order=bool(options["act_order"]),
+            weight,
+            hessian,
+            spec,
+            block,
+            damp=float(options["damp"]),
+            block=int(options["block"]),
+            act_order=bool(options["act_order"]),
         )
     return QuantizedWeight(codes, scale, zero)
 
@@ -309,7 +314,6 @@ def quantize_model(
     stats: Mapping[str, ActivationStats] | None = None,
     kernels: str = "auto",
     calibration: torch.Tensor | None = None,
-    seed: int = 0,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
@@ -379,9 +383,7 @@ def quantize_model(
             list(selected),
             calibration,
             quantize_block,
-            hessian=ALGORITHMS[method["algorithm"]][1],
-            samples_per_batch=int(awq_options["samples_per_batch"]) if awq_options else 0,
-            seed=seed,
+            hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
         )
     kernels_used = sorted({r.kernel for r in records if r.kernel})
     log.info("quantized %d layers (%s)", len(selected), ", ".join(kernels_used))

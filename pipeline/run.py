@@ -7,6 +7,8 @@ expensive stage. An exception ends the MLflow run as FAILED with whatever it had
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, profile, quantize, tracking, train
+from pipeline import calibrate, evaluate, profile, quantize, tasks, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -48,6 +50,12 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
     method = container["method"]
     check_method(method)
     evaluate.check_protocol(container["eval"], None)
+    task_cfg = container["eval"]["tasks"]
+    if task_cfg["names"]:
+        tasks.check_arguments(
+            list(task_cfg["names"]), task_cfg["limit"], task_cfg["num_fewshot"], task_cfg["batch_size"]
+        )
+        tasks.check_data_package()
     model_path = resolve_model_path(container["model"])
     experiment_id = tracking.setup(container["tracking"])
     torch.manual_seed(cfg.seed)
@@ -92,6 +100,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
     cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"])
     reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg)
+    reference_extra = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed)
     metrics: dict[str, float] = {}
 
     stats = batches = None
@@ -107,7 +116,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
     if quantizing and method.get("train"):
         metrics["train_s"] = _train_qat(model, selected, method, batches, container, cfg.seed)
     records = quantize.quantize_model(
-        model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches, seed=cfg.seed
+        model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches
     )
     metrics["quantize_s"] = time.perf_counter() - start
     del stats
@@ -118,6 +127,10 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
     start = time.perf_counter()
     scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg)
     metrics.update(evaluate.compare(scores, reference))
+    metrics.update(_extras(model, tokenizer, tokens, eval_cfg, cfg.seed) if quantizing else reference_extra)
+    metrics.update({f"ref_{k}": v for k, v in reference_extra.items()})
+    if "acc_avg" in metrics:
+        metrics["acc_drop_pct"] = tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])
     metrics["eval_s"] = time.perf_counter() - start
     metrics["peak_rss_mb"] = profile.peak_rss_mb()
     metrics.update(profile.memory_metrics(model, n_params, ref_bytes))
@@ -128,6 +141,37 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
         metrics.update(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
         metrics["profile_s"] = time.perf_counter() - start
     return metrics
+
+
+def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int) -> dict[str, float]:
+    """Context-length perplexity and zero-shot tasks, each only if configured."""
+    out = {}
+    if eval_cfg["context_lengths"]:
+        per_batch = int(eval_cfg["batch_size"]) * int(eval_cfg["context"])
+        out.update(evaluate.perplexity_by_context(model, tokens, list(eval_cfg["context_lengths"]), per_batch))
+    task_cfg = eval_cfg["tasks"]
+    if task_cfg["names"]:
+        out.update(
+            tasks.evaluate_tasks(
+                model,
+                tokenizer,
+                list(task_cfg["names"]),
+                task_cfg["limit"],
+                int(task_cfg["num_fewshot"]),
+                int(task_cfg["batch_size"]),
+                seed,
+            )
+        )
+    return out
+
+
+def _reference_extras(cache: Path, model, tokenizer, tokens, eval_cfg: dict, seed: int) -> dict[str, float]:
+    """The reference's extras, cached per (reference cache, extras config)."""
+    if not eval_cfg["context_lengths"] and not eval_cfg["tasks"]["names"]:
+        return {}
+    key = json.dumps({"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed}, sort_keys=True)
+    path = cache.with_name(f"{cache.stem}-extras-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+    return evaluate.cached_json(path, lambda: _extras(model, tokenizer, tokens, eval_cfg, seed))
 
 
 def _train_qat(model, selected: dict, method: dict, batches, container: dict, seed: int) -> float:

@@ -39,13 +39,11 @@ def test_decoder_blocks_and_recorded_inputs():
     assert prefix == "model.layers" and len(blocks) == 2
     names = list(quantize.select_layers(model, layers_cfg())[0])
     seen = {}
-    sequential.run_blocks(
-        model, names, BATCHES, lambda b, inputs, _s: seen.update(inputs), hessian=True, samples_per_batch=16, seed=0
-    )
+    sequential.run_blocks(model, names, BATCHES, lambda b, inputs, _s: seen.update(inputs), hessian=True)
     q, o, down = (seen[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"))
     assert q.producer == "input_layernorm" and o.producer is None and down.producer is None
     assert q.hessian.hessian.shape == (64, 64) and down.hessian.hessian.shape == (128, 128)
-    assert q.rows == 8 * 32 and q.sample_matrix().shape == (16, 64)
+    assert q.rows == 8 * 32 and q.channel_abs_mean.shape == (64,) and (q.channel_abs_mean > 0).all()
 
 
 def test_awq_scale_search_beats_no_scaling_on_outlier_channels():
@@ -53,7 +51,7 @@ def test_awq_scale_search_beats_no_scaling_on_outlier_channels():
     x = torch.randn(256, 128, generator=gen)
     x[:, :4] *= 30
     w = torch.randn(64, 128, generator=gen)
-    s, errors = awq.search_scale(x, [w], QuantSpec(4, False), [(1, 32)], grid=20)
+    s, errors = awq.search_scale(x.T @ x, x.abs().mean(0), [w], QuantSpec(4, False), [(1, 32)], grid=20)
     assert torch.isfinite(s).all() and (s > 0).all()
     assert min(errors) < 0.9 * errors[0]  # errors[0] is alpha = 0: plain RTN
 
@@ -213,3 +211,10 @@ def test_qat_runs_at_low_bits_with_distillation(bits):
 def test_bad_qat_settings_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         train.check_options(method_cfg("qat", override)["train"])
+
+
+def test_awq_scores_output_error_exactly_through_the_gram_matrix():
+    gen = torch.Generator().manual_seed(1)
+    x, diff = torch.randn(300, 16, generator=gen, dtype=torch.float64), torch.randn(8, 16, generator=gen)
+    direct = float((x @ diff.double().T).pow(2).sum())
+    assert awq._output_error((x.T @ x).float(), diff) == pytest.approx(direct, rel=1e-4)

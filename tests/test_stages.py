@@ -1,6 +1,7 @@
 """Stage tests on tiny models built from configs (no download, seconds each)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -167,3 +168,15 @@ def test_peak_rss_resets():
     block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched
     assert profile.peak_rss_mb() >= low + 60
     del block
+
+
+def test_perplexity_by_context_length(llama):
+    tokens = torch.randint(0, 512, (256,), generator=torch.Generator().manual_seed(0))
+    ppl = evaluate.perplexity_by_context(llama, tokens, [32, 128], tokens_per_batch=128)
+    eval_cfg = {"context": 128, "stride": 128, "kl_tokens": 8, "batch_size": 1}
+    assert ppl["ppl_ctx/128"] == pytest.approx(math.exp(float(evaluate.score(llama, tokens, eval_cfg).nll.mean())))
+    assert set(ppl) == {"ppl_ctx/32", "ppl_ctx/128"}
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 256"):
+        evaluate.check_protocol(
+            {"context": 64, "stride": 64, "tokens": 4096, "kl_tokens": 8, "context_lengths": [128, 512]}, 256
+        )

@@ -29,46 +29,61 @@ def _fake_quant(w: torch.Tensor, spec: QuantSpec, block: tuple[int, int]) -> tor
     return dequantize(quantize(w, scale, zero, spec, block), scale, zero, block)
 
 
-def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return float((x @ (w - w_hat).T).pow(2).sum())
+def _output_error(gram: torch.Tensor, diff: torch.Tensor) -> float:
+    """||X diff^T||^2 through the Gram matrix G = X^T X: sum over rows of d G d^T (exact, and
+    cheaper than the outputs themselves once the calibration has more rows than features)."""
+    return float(((diff @ gram) * diff).sum())
 
 
 def search_scale(
-    x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, blocks: list[tuple[int, int]], grid: int
+    gram: torch.Tensor,
+    channel_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    spec: QuantSpec,
+    blocks: list[tuple[int, int]],
+    grid: int,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Per-input-channel scale s for layers sharing input ``x``; returns (s, error per alpha)."""
-    channel_mean = x.abs().mean(dim=0).clamp_min(1e-6)
+    """Per-input-channel scale s for layers sharing one input; returns (s, error per alpha).
+
+    ``gram`` is X^T X of the shared input, ``channel_mean`` its mean |x| per channel.
+    """
+    channel_mean = channel_mean.clamp_min(1e-6)
     candidates, errors = [], []
     for i in range(grid):
         s = channel_mean.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
         candidates.append(s)
         errors.append(
-            sum(_output_error(x, w, _fake_quant(w * s, spec, b) / s) for w, b in zip(weights, blocks, strict=True))
+            sum(_output_error(gram, w - _fake_quant(w * s, spec, b) / s) for w, b in zip(weights, blocks, strict=True))
         )
     return candidates[min(range(grid), key=errors.__getitem__)], errors
 
 
 def search_clip(
-    x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, block: tuple[int, int], grid: int, max_shrink: float
+    gram: torch.Tensor, w: torch.Tensor, spec: QuantSpec, block: tuple[int, int], grid: int, max_shrink: float
 ) -> torch.Tensor:
-    """Clamp each quantization block of ``w`` to the shrunken range that minimizes output error."""
+    """Clamp each quantization block of ``w`` to the shrunken range that minimizes output error.
+
+    A block's rows and columns meet only the diagonal block of the Gram matrix that belongs to
+    its columns, so each (row, group) is scored on its own.
+    """
     rows, cols = w.shape
     block_rows, block_cols = block
     if block_rows != 1:  # per-tensor: one shared range; the per-row search does not apply
         return w
     n_groups = cols // block_cols
     wg = w.reshape(rows, n_groups, block_cols)
-    xg = x.reshape(x.shape[0], n_groups, block_cols)
+    gram_g = torch.stack(
+        [gram[g * block_cols : (g + 1) * block_cols, g * block_cols : (g + 1) * block_cols] for g in range(n_groups)]
+    )
     lo, hi = wg.amin(-1), wg.amax(-1)
     best_err = torch.full((rows, n_groups), float("inf"))
     best_ratio = torch.ones(rows, n_groups)
     for i in range(grid):
         ratio = 1 - max_shrink * i / grid
         scale, zero = choose_qparams(w, spec, block, min_val=lo * ratio, max_val=hi * ratio)
-        w_hat = dequantize(quantize(w, scale, zero, spec, block), scale, zero, block).reshape(rows, n_groups, -1)
-        # output error contributed by each (row, group): sum over samples of (x_g . (w_g - w_hat_g))^2
-        err = torch.einsum("ngk,rgk->nrg", xg, wg - w_hat).pow(2).sum(0)
+        diff = wg - dequantize(quantize(w, scale, zero, spec, block), scale, zero, block).reshape(rows, n_groups, -1)
+        err = torch.einsum("rgk,gkl,rgl->rg", diff, gram_g, diff)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
@@ -112,18 +127,20 @@ def apply_awq(
         groups.setdefault(rec.producer or f"#{full}", []).append(full)
     result = {}
     for producer, members in groups.items():
-        x = inputs[members[0]].sample_matrix()  # members read the same tensor
+        shared = inputs[members[0]]  # members read the same tensor
+        gram = shared.hessian.hessian.float()  # 2/n X^T X: the scale does not move the argmin
         layers = [modules[m.removeprefix(block_name + ".")] for m in members]
         weights = [layer.weight.float() for layer in layers]
         blocks = [block_size_for(w.shape, granularity, group_size) for w in weights]
-        s, _ = search_scale(x, weights, spec, blocks, int(options["grid"]))
+        s, _ = search_scale(gram, shared.channel_abs_mean, weights, spec, blocks, int(options["grid"]))
         folded = not producer.startswith("#") and _fold_into_norm(modules[producer], s)
         if not folded:
             s = 1 / (1 / s).to(torch.float16).float()  # the explicit scale is stored in fp16: use that value
         for member, layer, w, b in zip(members, layers, weights, blocks, strict=True):
             scaled = w * s
             if options["clip"]:
-                scaled = search_clip(x / s, scaled, spec, b, int(options["grid"]), float(options["max_shrink"]))
+                gram_scaled = gram / s[:, None] / s[None, :]  # the Gram matrix of x / s
+                scaled = search_clip(gram_scaled, scaled, spec, b, int(options["grid"]), float(options["max_shrink"]))
             layer.weight.copy_(scaled.to(layer.weight.dtype))
             result[member] = (s, folded)
     return result

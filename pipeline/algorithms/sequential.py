@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,12 +28,13 @@ class LayerInputs:
 
     rows: int = 0
     hessian: HessianAccumulator | None = None  # over all rows, if asked for
-    samples: list[torch.Tensor] = field(default_factory=list)  # a seeded subsample of input rows
+    abs_sum: torch.Tensor | None = None  # sum of |x| per input channel
     producer: str | None = None  # the norm layer in the block whose output this layer reads, if any
     input_multiplier: torch.Tensor | None = None  # set when the layer's input is rescaled after recording
 
-    def sample_matrix(self) -> torch.Tensor:
-        return torch.cat(self.samples)
+    @property
+    def channel_abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -79,8 +80,6 @@ def run_blocks(
     quantize_block: Callable[[str, Mapping[str, LayerInputs], list], None],
     *,
     hessian: bool,
-    samples_per_batch: int,
-    seed: int,
     batch_size: int = 8,
 ) -> None:
     """Calibrate and quantize ``model`` block by block.
@@ -95,20 +94,17 @@ def run_blocks(
             f"calibration-based quantization covers decoder-block layers only; {outside[0]} is outside "
             f"{prefix} (exclude it or use a data-free algorithm)"
         )
-    generator = torch.Generator().manual_seed(seed)
     state = _first_block_inputs(model, blocks[0], batches, batch_size)
     for index, block in enumerate(blocks):
         block_name = f"{prefix}.{index}"
         local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
         if local:
-            inputs = _record(block, local, state, hessian, samples_per_batch, generator)
+            inputs = _record(block, local, state, hessian)
             quantize_block(block_name, inputs, state)
         state = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
-def _record(
-    block: nn.Module, local: Mapping[str, str], state: list, hessian: bool, samples: int, generator: torch.Generator
-) -> dict[str, LayerInputs]:
+def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bool) -> dict[str, LayerInputs]:
     """Run the block on its inputs once; record each selected layer's inputs and their producer.
 
     Producers are tracked for norm layers only (what activation-aware scaling can fold into);
@@ -129,14 +125,13 @@ def _record(
         rec.producer = produced_by[id(x)][0] if id(x) in produced_by else None
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         rec.rows += rows.shape[0]
+        abs_sum = rows.abs().sum(0)
+        rec.abs_sum = abs_sum if rec.abs_sum is None else rec.abs_sum + abs_sum
         if hessian:
             if id(x) not in products:  # q/k/v (and gate/up) read one tensor: one product for all
                 products[id(x)] = ((rows.T @ rows).double(), x)
             rec.hessian = rec.hessian or HessianAccumulator()
             rec.hessian.add_product(products[id(x)][0], rows.shape[0])
-        if samples:
-            idx = torch.randperm(rows.shape[0], generator=generator)[:samples]
-            rec.samples.append(rows[idx])
 
     modules = dict(block.named_modules())
     handles += [
