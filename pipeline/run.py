@@ -58,7 +58,6 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         tasks.check_data_package()
     model_path = resolve_model_path(container["model"])
     experiment_id = tracking.setup(container["tracking"])
-    torch.manual_seed(cfg.seed)
 
     name = cfg.tracking.run_name or run_name(cfg, list(overrides))
     tags = {
@@ -70,7 +69,52 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         "model": cfg.model.name,
         "overrides": " ".join(overrides),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as active:
+    seeds = list(cfg.repeat_seeds)
+    if not seeds:
+        return _tracked_run(cfg, experiment_id, name, tags, model_path, log_file)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"repeat_seeds must be distinct, got {seeds}")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, "repeats": str(seeds)}) as parent:
+        try:
+            mlflow.log_params({**tracking.flatten(container), **tracking.provenance()})
+            results = []
+            # Each seed once, then the first seed again: its spread says whether a rerun is exact.
+            for seed in [*seeds, seeds[0]]:
+                child = cfg.copy()
+                child.seed = seed
+                results.append(
+                    _tracked_run(child, experiment_id, f"{name} seed={seed}", {**tags, "seed": str(seed)}, model_path)
+                )
+            aggregated = aggregate_repeats(results[:-1])
+            aggregated.update(
+                {f"{k}_same_seed_spread": abs(results[0][k] - results[-1][k]) for k in results[0] if k != "run_id"}
+            )
+            mlflow.log_metrics(aggregated)
+            return {**aggregated, "run_id": parent.info.run_id}
+        finally:
+            if log_file is not None and log_file.exists():
+                mlflow.log_artifact(str(log_file))
+
+
+def aggregate_repeats(results: list[dict]) -> dict[str, float]:
+    """``<metric>_mean`` and ``<metric>_std`` (sample std) over repeats, for metrics all of them have."""
+    keys = set.intersection(*(set(r) for r in results)) - {"run_id"}
+    out = {}
+    for key in sorted(keys):
+        values = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        out[f"{key}_mean"] = float(values.mean())
+        out[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    return out
+
+
+def _tracked_run(
+    cfg: DictConfig, experiment_id: str, name: str, tags: dict, model_path: str, log_file: Path | None = None
+) -> dict[str, float]:
+    """One MLflow run (nested when a parent run is active) around the stages."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(cfg.seed)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, nested=nested) as active:
         try:
             mlflow.log_params(
                 {**tracking.flatten(container), **tracking.provenance(), "model.resolved_path": model_path}

@@ -92,3 +92,25 @@ def test_comparison_table_from_the_store(store, tmp_path):
 
     text = table.write("smoke", tmp_path)
     assert "| group_wise |" in text and "Caveat:" in text and (tmp_path / "comparison.csv").exists()
+
+
+def test_repeats_over_seeds_log_mean_std_and_same_seed_spread(store):
+    done = _pipeline(
+        store,
+        "method=ptq_static",
+        "repeat_seeds=[0,1]",
+        "profile.enabled=false",
+        "eval.tasks.names=[]",
+        "eval.context_lengths=[]",
+        "tracking.experiment=smoke_repeats",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = mlflow.get_experiment_by_name("smoke_repeats")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    parent = next(r for r in runs if "repeats" in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    m = parent.data.metrics
+    assert m["ppl_std"] > 0  # calibration data follows the seed
+    assert m["ppl_same_seed_spread"] == 0 and m["kl_vs_ref_same_seed_spread"] == 0
+    assert min(c.data.metrics["ppl"] for c in children) <= m["ppl_mean"] <= max(c.data.metrics["ppl"] for c in children)

@@ -180,3 +180,10 @@ def test_perplexity_by_context_length(llama):
         evaluate.check_protocol(
             {"context": 64, "stride": 64, "tokens": 4096, "kl_tokens": 8, "context_lengths": [128, 512]}, 256
         )
+
+
+def test_aggregate_repeats():
+    from pipeline.run import aggregate_repeats
+
+    out = aggregate_repeats([{"ppl": 10.0, "kl": 1.0, "run_id": "a"}, {"ppl": 14.0, "run_id": "b"}])
+    assert out == {"ppl_mean": 12.0, "ppl_std": pytest.approx(2.8284271)}
