@@ -22,6 +22,10 @@ def method_cfg(name: str, *overrides: str) -> dict:
     return OmegaConf.to_container(cfg.method, resolve=True)
 
 
+def layers_cfg(*overrides: str) -> dict:
+    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

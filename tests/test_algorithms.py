@@ -4,18 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import compose_cfg, method_cfg, tiny_llama
-from omegaconf import OmegaConf
+from conftest import layers_cfg, method_cfg, tiny_llama
 
 from pipeline import quantize, train
 from pipeline.algorithms import awq, sequential
 from pipeline.quant.primitives import QuantSpec
 
 BATCHES = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def layers_cfg(*overrides):
-    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
 
 
 def outlier_llama():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import compose_cfg, method_cfg
+from conftest import compose_cfg, layers_cfg, method_cfg
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 from transformers import (
@@ -23,6 +23,14 @@ from pipeline.load import load_model
 from pipeline.quant.linear import QuantLinear
 
 SMALL = {"vocab_size": 256}
+LLAMA_LIKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    **SMALL,
+}
 ARCHITECTURES = {
     "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **SMALL), 8),
     "opt": (
@@ -52,33 +60,15 @@ ARCHITECTURES = {
     ),
     "mistral": (
         MistralForCausalLM,
-        MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **SMALL,
-        ),
+        MistralConfig(**LLAMA_LIKE),
         14,
     ),
     "qwen2": (
         Qwen2ForCausalLM,
-        Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **SMALL,
-        ),
+        Qwen2Config(**LLAMA_LIKE),
         14,
     ),
 }
-
-
-def layers_cfg(*overrides):
-    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_cfg, method_cfg, tiny_llama
-from omegaconf import OmegaConf
+from conftest import layers_cfg, method_cfg, tiny_llama
 
 from pipeline import calibrate, evaluate, profile, quantize
 from pipeline.quant.linear import QuantLinear
@@ -22,10 +21,6 @@ METHODS = [
     "per_channel",
     "asymmetric",
 ]
-
-
-def layers_cfg(*overrides):
-    return OmegaConf.to_container(compose_cfg(*overrides).layers, resolve=True)
 
 
 def _stats(model, names, seed=0):
