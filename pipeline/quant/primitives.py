@@ -79,6 +79,15 @@ def expand_blocks(p: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     return p.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
 
 
+def _blockwise(x: torch.Tensor, params: list[torch.Tensor | None], block_size: tuple[int, int]):
+    """x as (row blocks, br, col blocks, bc) and params as (row blocks, 1, col blocks, 1): they
+    broadcast against each other without materializing full-size parameter tensors."""
+    rows, cols = x.shape
+    br, bc = block_size
+    x4 = x.reshape(rows // br, br, cols // bc, bc)
+    return x4, [None if p is None else p.float()[:, None, :, None] for p in params]
+
+
 def choose_qparams(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -126,10 +135,11 @@ def quantize(
 ) -> torch.Tensor:
     """Integer codes of ``x``: int8 for symmetric specs, uint8 for asymmetric ones."""
     _check_block_size(x.shape, block_size)
-    q = x.float() / expand_blocks(scale.float(), block_size)
-    if zero_point is not None:
-        q = q + expand_blocks(zero_point.float(), block_size)
-    q = q.round().clamp(spec.qmin, spec.qmax)
+    x4, (s, z) = _blockwise(x.float(), [scale, zero_point], block_size)
+    q = x4 / s
+    if z is not None:
+        q = q + z
+    q = q.round().clamp(spec.qmin, spec.qmax).reshape(x.shape)
     return q.to(torch.int8 if spec.symmetric else torch.uint8)
 
 
@@ -142,10 +152,10 @@ def dequantize(
 ) -> torch.Tensor:
     """Float values ``(q - zero_point) * scale`` in ``dtype``."""
     _check_block_size(q.shape, block_size)
-    x = q.float()
-    if zero_point is not None:
-        x = x - expand_blocks(zero_point.float(), block_size)
-    return (x * expand_blocks(scale.float(), block_size)).to(dtype)
+    x4, (s, z) = _blockwise(q.float(), [scale, zero_point], block_size)
+    if z is not None:
+        x4 = x4 - z
+    return (x4 * s).reshape(q.shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, int]) -> torch.Tensor:
