@@ -144,9 +144,9 @@ def test_w2_group_beats_2_bit_rtn_and_layer_overrides_keep_layers_wider():
 
 
 def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
-    hqq_method = ("method.algorithm=hqq", "method.zero_point_domain=float")
+    hqq_method = ("method.algorithm=hqq", "method.zero_point_domain=float", "method.awq=null")
     errors = {}
-    rtn_method = ("method.algorithm=rtn", "method.zero_point_domain=float")
+    rtn_method = ("method.algorithm=rtn", "method.zero_point_domain=float", "method.awq=null")
     for name, overrides in (("rtn", rtn_method), ("hqq", hqq_method)):
         records = quantize.quantize_model(tiny_llama(), method_cfg("w2_group", *overrides), layers_cfg())
         errors[name] = sum(r.rel_error for r in records if r.quantized)
@@ -155,7 +155,9 @@ def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
 
 def test_hqq_refuses_an_integer_zero_point():
     with pytest.raises(ValueError, match="zero_point_domain=float"):
-        quantize.quantize_model(tiny_llama(), method_cfg("w2_group", "method.algorithm=hqq"), layers_cfg())
+        quantize.quantize_model(
+            tiny_llama(), method_cfg("w2_group", "method.algorithm=hqq", "method.awq=null"), layers_cfg()
+        )
 
 
 def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
