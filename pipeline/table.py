@@ -63,6 +63,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
 
 def by_setting(runs: pd.DataFrame) -> str:
     """Methods side by side at each (bits, group size): 'ppl / KL / bits per weight' per cell."""
+    runs = runs[runs["params.method.bits"] != "None"]  # the reference has no setting
     runs = runs.assign(
         setting=runs["params.method.bits"] + "-bit g" + runs["params.method.group_size"].str.replace("None", "channel"),
         cell=[
