@@ -65,7 +65,11 @@ def by_setting(runs: pd.DataFrame) -> str:
     """Methods side by side at each (bits, group size): 'ppl / KL / bits per weight' per cell."""
     runs = runs[runs["params.method.bits"] != "None"]  # the reference has no setting
     runs = runs.assign(
-        setting=runs["params.method.bits"] + "-bit g" + runs["params.method.group_size"].str.replace("None", "channel"),
+        setting=runs["params.method.bits"]
+        + "-bit "
+        + runs["params.method.granularity"].where(
+            runs["params.method.granularity"] != "group", "g" + runs["params.method.group_size"]
+        ),
         cell=[
             f"{p:.1f} / {k:.3f} / {b:.2f}"
             for p, k, b in zip(runs["metrics.ppl"], runs["metrics.kl_vs_ref"], runs["metrics.bits_per_weight"])

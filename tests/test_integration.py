@@ -125,6 +125,7 @@ def test_table_by_setting_skips_the_reference():
         {
             "params.method.bits": ["None", "4", "4", "2"],
             "params.method.group_size": ["None", "64", "64", "32"],
+            "params.method.granularity": ["None", "group", "group", "group"],
             "tags.method": ["fp", "group_wise", "gptq", "gptq"],
             "metrics.ppl": [20.0, 30.0, 25.0, 300.0],
             "metrics.kl_vs_ref": [0.0, 0.3, 0.2, 3.0],
