@@ -21,12 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.algorithms.sequential import LayerInputs
-from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, quantize
-
-
-def _fake_quant(w: torch.Tensor, spec: QuantSpec, block: tuple[int, int]) -> torch.Tensor:
-    scale, zero = choose_qparams(w, spec, block)
-    return dequantize(quantize(w, scale, zero, spec, block), scale, zero, block)
+from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, fake_quantize, quantize
 
 
 def _output_error(gram: torch.Tensor, diff: torch.Tensor) -> float:
@@ -54,7 +49,9 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()  # keep scales centred around 1
         candidates.append(s)
         errors.append(
-            sum(_output_error(gram, w - _fake_quant(w * s, spec, b) / s) for w, b in zip(weights, blocks, strict=True))
+            sum(
+                _output_error(gram, w - fake_quantize(w * s, spec, b) / s) for w, b in zip(weights, blocks, strict=True)
+            )
         )
     return candidates[min(range(grid), key=errors.__getitem__)], errors
 
