@@ -1,8 +1,8 @@
 """Calibrate stage: run calibration text through the model and record each layer's inputs.
 
-For every selected layer we keep the exact max |x|, the mean |x| per input channel (what
-activation-aware methods scale by) and a seeded uniform subsample of input values, from which
-the observers below derive a static activation range:
+For every selected layer we keep the exact max |x| and a seeded uniform subsample of input
+values, from which the observers below derive a static activation range (activation-aware
+methods record their own statistics block by block, in pipeline/algorithms/sequential.py):
 
 - minmax:     the exact max |x|.
 - percentile: the given percentile of |x| (clips rare outliers).
@@ -28,20 +28,11 @@ SAMPLES_PER_BATCH = 4096
 @dataclass
 class ActivationStats:
     absmax: float = 0.0
-    channel_abs_sum: torch.Tensor | None = None
-    rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def channel_abs_mean(self) -> torch.Tensor:
-        return self.channel_abs_sum / max(self.rows, 1)
 
     def update(self, x: torch.Tensor, generator: torch.Generator) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
         self.absmax = max(self.absmax, float(x.abs().max()))
-        channel_sum = x.abs().sum(dim=0)
-        self.channel_abs_sum = channel_sum if self.channel_abs_sum is None else self.channel_abs_sum + channel_sum
-        self.rows += x.shape[0]
         flat = x.reshape(-1)
         idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
         self.samples.append(flat[idx])

@@ -97,7 +97,6 @@ def test_observers_order_and_static_scale(llama):
     assert minmax == pytest.approx(s.absmax)
     assert calibrate.observe_range(s, spec, "percentile", 99.0) < minmax
     assert calibrate.observe_range(s, spec, "mse") <= minmax
-    assert s.channel_abs_mean.shape == (64,) and (s.channel_abs_mean > 0).all()
     with pytest.raises(ValueError, match="allowed: minmax, percentile, mse"):
         calibrate.observe_range(s, spec, "kl")
 
