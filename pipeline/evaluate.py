@@ -69,6 +69,14 @@ def check_protocol(eval_cfg: Mapping, max_positions: int | None) -> None:
     if kl_tokens <= 0:
         raise ValueError(f"eval.kl_tokens must be positive, got {kl_tokens}")
     windows(int(eval_cfg["tokens"]), context, int(eval_cfg["stride"]))
+    generation = eval_cfg.get("generation") or {}
+    prompts = generation.get("prompts") or []
+    if isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"eval.generation.prompts must be a list of non-empty strings, got {prompts!r}")
+    if prompts and not 1 <= int(generation["new_tokens"]) <= (max_positions or math.inf):
+        raise ValueError(
+            f"eval.generation.new_tokens must be in 1..{max_positions or 'any'}, got {generation['new_tokens']}"
+        )
 
 
 @torch.no_grad()
@@ -133,8 +141,8 @@ def reference_cache_path(model_path: str, model_dtype: str, eval_cfg: Mapping, d
     return cache_dir() / "reference" / f"{digest}.safetensors"
 
 
-def cached_json(path: Path, compute) -> dict[str, float]:
-    """A small dict of reference results, computed once and kept next to the reference logits."""
+def cached_json(path: Path, compute) -> dict:
+    """A small JSON of reference results, computed once and kept next to the reference logits."""
     if path.exists():
         return json.loads(path.read_text())
     result = compute()

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
+from pipeline.generation import greedy
 from pipeline.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -96,21 +95,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@torch.no_grad()
-def time_generation(model: nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation with a KV cache."""
-    cache = DynamicCache(config=model.config)
-    start = time.perf_counter()
-    out = model(input_ids=prompt, cache=cache, use_cache=True)
-    prefill = time.perf_counter() - start
-    next_ids = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(decode_tokens):  # the cache object grows in place
-        out = model(input_ids=next_ids, cache=cache, use_cache=True)
-        next_ids = out.logits[:, -1:].argmax(-1)
-    return prefill, time.perf_counter() - start
-
-
 def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping) -> dict[str, float]:
     prompt_len, decode_tokens = int(cfg["prompt_tokens"]), int(cfg["decode_tokens"])
     metrics = {}
@@ -122,7 +106,9 @@ def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, 
             timings = {"quant": [], "ref": []}
             for i in range(int(cfg["warmup"]) + int(cfg["repeats"])):
                 for key, m in (("ref", reference), ("quant", model)):
-                    t = time_generation(m, prompt, decode_tokens)
+                    # decode_tokens decode steps after the prefill's first token
+                    run = greedy(m, prompt, decode_tokens + 1)[0]
+                    t = (run.prefill_s, run.decode_s)
                     if i >= int(cfg["warmup"]):
                         timings[key].append(t)
             med = {

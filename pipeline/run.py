@@ -18,7 +18,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, profile, quantize, tasks, tracking, train
+from pipeline import calibrate, evaluate, generation, profile, quantize, tasks, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -123,7 +123,6 @@ def _tracked_run(
             if cfg.model.caveat:
                 mlflow.set_tag("caveat", cfg.model.caveat)
             metrics = _stages(cfg, container, model_path)
-            mlflow.log_metrics(metrics)
             log.info("run %s finished: %s", active.info.run_id, {k: round(v, 4) for k, v in metrics.items()})
             return {**metrics, "run_id": active.info.run_id}
         finally:
@@ -132,7 +131,14 @@ def _tracked_run(
 
 
 def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, float]:
+    """The stages in order. Each metric is logged as soon as it exists, so a failure keeps it."""
     method, eval_cfg = container["method"], container["eval"]
+    metrics: dict[str, float] = {}
+
+    def record(new: Mapping[str, float]) -> None:
+        metrics.update(new)
+        mlflow.log_metrics(dict(new))
+
     model, tokenizer = load_model(container["model"])
     evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None))
     quantizing = method["algorithm"] != "none"
@@ -145,7 +151,8 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
     cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"])
     reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg)
     reference_extra = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed)
-    metrics: dict[str, float] = {}
+    prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
+    reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
 
     stats = batches = None
     if quantizing and quantize.needs_calibration(method):
@@ -154,59 +161,66 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
         act = method.get("activations")
         if act and act["mode"] == "static":
             stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=cfg.seed)
-        metrics["calibrate_s"] = time.perf_counter() - start
+        record({"calibrate_s": time.perf_counter() - start})
 
     start = time.perf_counter()
     if quantizing and method.get("train"):
-        metrics["train_s"] = _train_qat(model, selected, method, batches, container, cfg.seed)
+        record({"train_s": _train_qat(model, selected, method, batches, container, cfg.seed)})
     records = quantize.quantize_model(
         model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches
     )
-    metrics["quantize_s"] = time.perf_counter() - start
     del stats
     gc.collect()
     _log_layer_table(records)
+    record(
+        {
+            "quantize_s": time.perf_counter() - start,
+            "dequant_layers": float(sum(r.kernel == "dequant" for r in records)),
+            **profile.memory_metrics(model, n_params, ref_bytes),
+        }
+    )
 
     profile.reset_peak_rss()
     start = time.perf_counter()
     scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg)
-    metrics.update(evaluate.compare(scores, reference))
-    metrics.update(_extras(model, tokenizer, tokens, eval_cfg, cfg.seed) if quantizing else reference_extra)
-    metrics.update({f"ref_{k}": v for k, v in reference_extra.items()})
+    record(evaluate.compare(scores, reference))
+    record({f"ref_{k}": v for k, v in reference_extra.items()})
+    if prompts:
+        generated = generation.generate(model, tokenizer, prompts, new_tokens) if quantizing else reference_generations
+        mlflow.log_dict(generation.samples(tokenizer, prompts, generated, reference_generations), "generations.json")
+        record(generation.agreement(generated, reference_generations))
+    if quantizing:
+        _extras(model, tokenizer, tokens, eval_cfg, cfg.seed, record)
+    else:
+        record(reference_extra)
     if "acc_avg" in metrics:
-        metrics["acc_drop_pct"] = tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])
-    metrics["eval_s"] = time.perf_counter() - start
-    metrics["peak_rss_mb"] = profile.peak_rss_mb()
-    metrics.update(profile.memory_metrics(model, n_params, ref_bytes))
-    metrics["dequant_layers"] = float(sum(r.kernel == "dequant" for r in records))
+        record({"acc_drop_pct": tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])})
+    record({"eval_s": time.perf_counter() - start, "peak_rss_mb": profile.peak_rss_mb()})
     if cfg.profile.enabled:
         start = time.perf_counter()
         reference_model = load_model(container["model"])[0] if quantizing else model
-        metrics.update(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
-        metrics["profile_s"] = time.perf_counter() - start
+        record(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
+        record({"profile_s": time.perf_counter() - start})
     return metrics
 
 
-def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int) -> dict[str, float]:
-    """Context-length perplexity and zero-shot tasks, each only if configured."""
-    out = {}
+def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int, record) -> None:
+    """Context-length perplexity and zero-shot tasks, each only if configured, handed to ``record``."""
     if eval_cfg["context_lengths"]:
         per_batch = int(eval_cfg["batch_size"]) * int(eval_cfg["context"])
-        out.update(evaluate.perplexity_by_context(model, tokens, list(eval_cfg["context_lengths"]), per_batch))
+        record(evaluate.perplexity_by_context(model, tokens, list(eval_cfg["context_lengths"]), per_batch))
     task_cfg = eval_cfg["tasks"]
     if task_cfg["names"]:
-        out.update(
-            tasks.evaluate_tasks(
-                model,
-                tokenizer,
-                list(task_cfg["names"]),
-                task_cfg["limit"],
-                int(task_cfg["num_fewshot"]),
-                int(task_cfg["batch_size"]),
-                seed,
-            )
+        tasks.evaluate_tasks(
+            model,
+            tokenizer,
+            list(task_cfg["names"]),
+            task_cfg["limit"],
+            int(task_cfg["num_fewshot"]),
+            int(task_cfg["batch_size"]),
+            seed,
+            on_task=record,
         )
-    return out
 
 
 def _reference_extras(cache: Path, model, tokenizer, tokens, eval_cfg: dict, seed: int) -> dict[str, float]:
@@ -215,7 +229,22 @@ def _reference_extras(cache: Path, model, tokenizer, tokens, eval_cfg: dict, see
         return {}
     key = json.dumps({"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed}, sort_keys=True)
     path = cache.with_name(f"{cache.stem}-extras-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
-    return evaluate.cached_json(path, lambda: _extras(model, tokenizer, tokens, eval_cfg, seed))
+
+    def compute() -> dict[str, float]:
+        out: dict[str, float] = {}
+        _extras(model, tokenizer, tokens, eval_cfg, seed, out.update)
+        return out
+
+    return evaluate.cached_json(path, compute)
+
+
+def _reference_generations(cache: Path, model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """The reference's greedy generations (token ids), cached per (reference cache, prompts, length)."""
+    if not prompts:
+        return []
+    key = json.dumps({"prompts": prompts, "new_tokens": new_tokens}, sort_keys=True)
+    path = cache.with_name(f"{cache.stem}-generations-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+    return evaluate.cached_json(path, lambda: generation.generate(model, tokenizer, prompts, new_tokens))
 
 
 def _train_qat(model, selected: dict, method: dict, batches, container: dict, seed: int) -> float:

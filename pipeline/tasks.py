@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -146,14 +148,23 @@ def _metrics_of(results: dict, task: str, lm_eval_name: str) -> dict[str, float]
 
 
 def evaluate_tasks(
-    model, tokenizer, tasks: list[str], limit: int | None, num_fewshot: int, batch_size: int, seed: int
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None,
+    num_fewshot: int,
+    batch_size: int,
+    seed: int,
+    on_task: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` (any in-memory causal LM, quantized or not) on ``tasks`` with lm-eval.
 
     ``tasks`` holds task names (``TASKS``), group names (``TASK_GROUPS``, expanded to their tasks) or
     names from lm-eval's own registry (they need the Hugging Face Hub for their data). Returns
     ``acc/<task>``, ``acc_norm/<task>`` where lm-eval reports it, ``acc/<group>`` for every group with
-    a task that ran (see ``aggregate``) and ``acc_avg`` over those groups.
+    a task that ran (see ``aggregate``) and ``acc_avg`` over those groups. Tasks run one at a time;
+    ``on_task`` gets each task's metrics as it finishes (so a later failure loses nothing already
+    done), then the aggregates.
     """
     check_arguments(tasks, limit, num_fewshot, batch_size)
     ours, others = expand(list(tasks))
@@ -166,21 +177,28 @@ def evaluate_tasks(
 
     names = {LM_EVAL_PREFIX + task: task for task in ours} | {name: name for name in others}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(names),
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=0,
-        log_samples=False,
-    )
     metrics: dict[str, float] = {}
     for lm_eval_name, task in names.items():
-        metrics.update(_metrics_of(output["results"], task, lm_eval_name))
-    metrics.update(aggregate(metrics))
-    return metrics
+        start = time.perf_counter()
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[lm_eval_name],
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        result = _metrics_of(output["results"], task, lm_eval_name)
+        log.info("task %s: %s in %.0f s", task, result, time.perf_counter() - start)
+        metrics.update(result)
+        if on_task is not None:
+            on_task(result)
+    aggregates = aggregate(metrics)
+    if on_task is not None and aggregates:
+        on_task(aggregates)
+    return metrics | aggregates

@@ -21,6 +21,9 @@ CONTRACT_METRICS = [
     "decode_tok_s",
     "speedup_vs_ref",
     "quantize_s",
+    "gen_match_rate",
+    "gen_first_divergence",
+    "gen_repetition_rate",
 ]
 
 
@@ -66,7 +69,10 @@ def test_smoke_run_logs_the_contract(store):
     assert p["pkg.torch"].startswith("2.") and "host.processor" in p
     assert run.data.tags["kernels"] == "aten_int4_groupwise" and "Q4_1" in run.data.tags["caveat"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "layers.json", "__main__.log"} <= artifacts
+    assert {"config.yaml", "layers.json", "__main__.log", "generations.json"} <= artifacts
+    assert 0 <= m["gen_match_rate"] <= 1 and 0 <= m["gen_first_divergence"] <= 8
+    samples = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/generations.json")
+    assert len(samples) == 4 and {"prompt", "reference", "output", "first_divergence"} <= set(samples[0])
     layers = mlflow.MlflowClient().load_table(run.info.experiment_id, "layers.json", run_ids=[run.info.run_id])
     assert (layers["quantized"].sum(), len(layers)) == (210, 211)  # lm_head kept
 

@@ -117,3 +117,49 @@ def test_unknown_task_lists_what_exists(model, tokenizer, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown task\(s\) 'no_such_task'.*groups: commonsense.*tasks: hellaswag"):
         evaluate_tasks(model, tokenizer, ["numerical", "no_such_task"], limit=4, num_fewshot=0, batch_size=1, seed=0)
     assert expand(["commonsense", "copa", "lm_eval_only_task"]) == (TASK_GROUPS["commonsense"], ["lm_eval_only_task"])
+
+
+def test_a_task_failing_mid_run_fails_the_run_and_keeps_what_was_logged(tmp_path, tokenizer, monkeypatch):
+    import lm_eval
+    import mlflow
+
+    from pipeline import run
+
+    tiny_llama(vocab_size=len(tokenizer), seed=2).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    real, lambada_calls = lm_eval.simple_evaluate, []
+
+    def evaluate_then_break(*args, tasks, **kwargs):
+        if tasks == ["qb_lambada"]:
+            lambada_calls.append(1)
+            if len(lambada_calls) == 2:  # the reference's pass succeeds, the quantized model's fails
+                raise RuntimeError("lambada data went away")
+        return real(*args, tasks=tasks, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_then_break)
+    cfg = compose_cfg(
+        "model=hf",
+        f"model.path={tmp_path / 'm'}",
+        "method=group_wise",
+        "data.calibration.num_samples=2",
+        "data.calibration.seq_len=32",
+        "eval.tokens=256",
+        "eval.context=64",
+        "eval.stride=64",
+        "eval.kl_tokens=64",
+        "eval.tasks.names=[copa,lambada]",
+        "eval.tasks.limit=2",
+        "eval.tasks.batch_size=2",
+        "eval.generation.new_tokens=2",
+        "profile.enabled=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=failing_task",
+    )
+    with pytest.raises(RuntimeError, match="lambada data went away"):
+        run.run(cfg)
+    (failed,) = mlflow.search_runs(experiment_names=["failing_task"], output_format="list")
+    metrics = failed.data.metrics
+    assert failed.info.status == "FAILED"
+    assert {"ppl", "kl_vs_ref", "gen_match_rate", "acc/copa", "ref_acc_avg", "ref_acc/lambada"} <= set(metrics)
+    assert "acc/lambada" not in metrics and "acc_avg" not in metrics
