@@ -169,15 +169,23 @@ def load_or_compute_reference(path: Path, model, tokens: torch.Tensor, eval_cfg:
     return scores
 
 
+def kl_vs_reference(logprobs: torch.Tensor, reference: Scores) -> float:
+    """Mean KL(reference || model) over the first ``len(logprobs)`` scored targets."""
+    ref_logprobs = reference.logprobs[: logprobs.shape[0]]
+    return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).mean())
+
+
+def kl_on_prefix(model, tokens: torch.Tensor, reference: Scores, eval_cfg: Mapping) -> float:
+    """KL vs the reference on the windows of a prefix of the evaluation tokens: a cheap proxy of ``kl_vs_ref``."""
+    return kl_vs_reference(score(model, tokens, eval_cfg).logprobs, reference)
+
+
 def compare(scores: Scores, reference: Scores) -> dict[str, float]:
     """The language-modeling metrics of a model against the reference's cached outputs."""
-    n = scores.logprobs.shape[0]
-    ref_logprobs = reference.logprobs[:n]
-    kl = (ref_logprobs.exp() * (ref_logprobs - scores.logprobs)).sum(-1).mean()
     return {
         "ppl": math.exp(float(scores.nll.mean())),
         "ppl_ref": math.exp(float(reference.nll.mean())),
-        "kl_vs_ref": float(kl),
+        "kl_vs_ref": kl_vs_reference(scores.logprobs, reference),
         "top1_agree": float((scores.argmax == reference.argmax).float().mean()),
         "eval_tokens_scored": float(scores.nll.numel()),
     }

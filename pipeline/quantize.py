@@ -101,12 +101,16 @@ def check_group_size(method: Mapping, layers: Mapping[str, nn.Module]) -> None:
     bad = {name: k for name, k in in_features.items() if group_size is None or k % group_size}
     if bad:
         name, k = next(iter(bad.items()))
-        common = math.gcd(*in_features.values())
         raise ValueError(
             f"group_size {group_size} does not divide in_features {k} of layer {name} "
             f"({len(bad)} layers affected); group sizes that fit every selected layer: "
-            f"{', '.join(map(str, _divisors(common)))}"
+            f"{', '.join(map(str, valid_group_sizes(layers)))}"
         )
+
+
+def valid_group_sizes(layers: Mapping[str, nn.Module]) -> list[int]:
+    """Group sizes that divide the inputs of every layer in ``layers``."""
+    return _divisors(math.gcd(*(_in_out(m)[0] for m in layers.values())))
 
 
 # -- layer selection ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import mlflow
@@ -23,6 +23,7 @@ from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
+Probe = Callable[[torch.nn.Module, torch.Tensor, evaluate.Scores], None]
 
 
 def check_method(method: Mapping) -> None:
@@ -45,7 +46,8 @@ def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     return " ".join([f"{cfg.model.name}/{cfg.method.name}", *extra])
 
 
-def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None) -> dict[str, float]:
+def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, str], str]:
+    """Every check that needs no model, then the MLflow experiment: (experiment id, run name, tags, model path)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
     check_method(method)
@@ -58,7 +60,6 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         tasks.check_data_package()
     model_path = resolve_model_path(container["model"])
     experiment_id = tracking.setup(container["tracking"])
-
     name = cfg.tracking.run_name or run_name(cfg, list(overrides))
     tags = {
         "method": method["name"],
@@ -68,10 +69,17 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         "granularity": str(method["granularity"]),
         "model": cfg.model.name,
         "overrides": " ".join(overrides),
+        **{str(k): str(v) for k, v in (container["tracking"].get("tags") or {}).items()},
     }
+    return experiment_id, name, tags, model_path
+
+
+def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None) -> dict[str, float]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    experiment_id, name, tags, model_path = prepare(cfg, list(overrides))
     seeds = list(cfg.repeat_seeds)
     if not seeds:
-        return _tracked_run(cfg, experiment_id, name, tags, model_path, log_file)
+        return tracked_run(cfg, experiment_id, name, tags, model_path, log_file)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"repeat_seeds must be distinct, got {seeds}")
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, "repeats": str(seeds)}) as parent:
@@ -83,7 +91,7 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
                 child = cfg.copy()
                 child.seed = seed
                 results.append(
-                    _tracked_run(child, experiment_id, f"{name} seed={seed}", {**tags, "seed": str(seed)}, model_path)
+                    tracked_run(child, experiment_id, f"{name} seed={seed}", {**tags, "seed": str(seed)}, model_path)
                 )
             aggregated = aggregate_repeats(results[:-1])
             aggregated.update(
@@ -107,10 +115,19 @@ def aggregate_repeats(results: list[dict]) -> dict[str, float]:
     return out
 
 
-def _tracked_run(
-    cfg: DictConfig, experiment_id: str, name: str, tags: dict, model_path: str, log_file: Path | None = None
+def tracked_run(
+    cfg: DictConfig,
+    experiment_id: str,
+    name: str,
+    tags: dict,
+    model_path: str,
+    log_file: Path | None = None,
+    probe: Probe | None = None,
 ) -> dict[str, float]:
-    """One MLflow run (nested when a parent run is active) around the stages."""
+    """One MLflow run (nested when a parent run is active) around the stages.
+
+    ``probe(model, tokens, reference)`` runs right after quantization (tuning prunes there).
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(cfg.seed)
     nested = mlflow.active_run() is not None
@@ -122,7 +139,7 @@ def _tracked_run(
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             if cfg.model.caveat:
                 mlflow.set_tag("caveat", cfg.model.caveat)
-            metrics = _stages(cfg, container, model_path)
+            metrics = _stages(cfg, container, model_path, probe)
             log.info("run %s finished: %s", active.info.run_id, {k: round(v, 4) for k, v in metrics.items()})
             return {**metrics, "run_id": active.info.run_id}
         finally:
@@ -130,7 +147,7 @@ def _tracked_run(
                 mlflow.log_artifact(str(log_file))
 
 
-def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, float]:
+def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | None = None) -> dict[str, float]:
     """The stages in order. Each metric is logged as soon as it exists, so a failure keeps it."""
     method, eval_cfg = container["method"], container["eval"]
     metrics: dict[str, float] = {}
@@ -179,6 +196,8 @@ def _stages(cfg: DictConfig, container: dict, model_path: str) -> dict[str, floa
             **profile.memory_metrics(model, n_params, ref_bytes),
         }
     )
+    if probe is not None:
+        probe(model, tokens, reference)
 
     profile.reset_peak_rss()
     start = time.perf_counter()

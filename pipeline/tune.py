@@ -1,0 +1,372 @@
+"""`python -m pipeline.tune method=<m> [overrides]`: tune one method with an Optuna study.
+
+The search space is ``conf/search/<method>.yaml`` (a list of ``{name: <config key>, ...}``: ``choices``
+for a categorical, ``low``/``high`` (+ ``step`` or ``log``) for numbers). Each trial composes the
+config with its sampled overrides (Hydra, exactly as a user would on the command line), runs the
+stages, and is an MLflow child run of the study's parent run, tagged with the study and trial.
+
+- Objectives: metric names the run logs (``tune.objectives``); one gives a best trial, several a
+  Pareto front. Directions come from ``DIRECTIONS``.
+- Storage: an RDB URL (sqlite by default). A study of the same name resumes: finished trials are
+  kept and ``tune.n_trials`` counts them; trials a killed worker left RUNNING are failed after the
+  heartbeat grace period and retried once. Several processes (``--workers``, or on other machines
+  with a PostgreSQL URL) share one study.
+- Pruning (single objective): right after quantization, KL vs the reference on the first
+  ``tune.proxy_windows`` evaluation windows goes to a MedianPruner; a pruned trial skips the
+  evaluation. The parent run logs ``prune_saved_s``: per pruned trial, the mean duration of the
+  completed trials minus its own (an estimate: a pruned trial never shows its full cost).
+- A failing trial is recorded as failed (Optuna and MLflow) and the study goes on.
+- The best trial's overrides are written to ``conf/experiment/tuned/<study>.yaml``:
+  ``python -m pipeline experiment=tuned/<study>`` reruns it with the full protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlflow
+import optuna
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import evaluate, quantize, run
+from pipeline.load import load_model
+from pipeline.tracking import REPO
+
+log = logging.getLogger("pipeline.tune")
+CONF = REPO / "conf"
+DIRECTIONS = {
+    "ppl": "minimize",
+    "kl_vs_ref": "minimize",
+    "acc_drop_pct": "minimize",
+    "bits_per_weight": "minimize",
+    "weight_mb": "minimize",
+    "prefill_ms": "minimize",
+    "top1_agree": "maximize",
+    "acc_avg": "maximize",
+    "gen_match_rate": "maximize",
+    "decode_tok_s": "maximize",
+    "speedup_vs_ref": "maximize",
+}
+SPEED_METRICS = {"prefill_ms", "decode_tok_s", "speedup_vs_ref"}
+STUDY_ATTRS = ("search_space", "objectives", "base_overrides")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="tune", overrides=overrides)
+
+
+def check_space(cfg: DictConfig) -> list[dict]:
+    """The search space of the configured method, with group sizes narrowed to those the model allows."""
+    method = cfg.method.name
+    if cfg.get("search") is None:
+        available = sorted(p.stem for p in (CONF / "search").glob("*.yaml"))
+        raise ValueError(f"no search space for method {method!r} (conf/search/{method}.yaml); have: {available}")
+    space = OmegaConf.to_container(cfg.search.params, resolve=True)
+    if not space:
+        raise ValueError(f"conf/search/{method}.yaml has no params")
+    for param in space:
+        name = param.get("name")
+        if not name or OmegaConf.select(cfg, name, default="__missing__") == "__missing__":
+            raise ValueError(f"search param {param!r} of {method}: `name` must be an existing config key")
+        if "choices" not in param and not {"low", "high"} <= set(param):
+            raise ValueError(f"search param {name} of {method}: give `choices`, or `low` and `high`")
+        if name == "method.group_size":
+            param["choices"] = _valid_choices(cfg, param["choices"])
+    return space
+
+
+def _valid_choices(cfg: DictConfig, choices: list) -> list:
+    """Keep the group sizes that divide every selected layer's inputs (the model is loaded once for its shapes)."""
+    model, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    layers, _ = quantize.select_layers(model, OmegaConf.to_container(cfg.layers, resolve=True))
+    valid = quantize.valid_group_sizes(layers)
+    kept = [c for c in choices if c in valid]
+    if not kept:
+        raise ValueError(
+            f"search space for {cfg.method.name}: none of the group sizes {choices} divides every selected "
+            f"layer of {cfg.model.name}; valid sizes: {valid}"
+        )
+    if len(kept) < len(choices):
+        log.info("group sizes %s do not fit %s; searching %s", sorted(set(choices) - set(kept)), cfg.model.name, kept)
+    return kept
+
+
+def sample(trial: optuna.Trial, space: list[dict]) -> list[str]:
+    """One value per search param, as Hydra overrides."""
+    overrides = []
+    for param in space:
+        name = param["name"]
+        if "choices" in param:
+            value = trial.suggest_categorical(name, param["choices"])
+        elif isinstance(param["low"], int) and isinstance(param["high"], int):
+            value = trial.suggest_int(
+                name, param["low"], param["high"], step=param.get("step", 1), log=param.get("log", False)
+            )
+        else:
+            value = trial.suggest_float(
+                name, param["low"], param["high"], step=param.get("step"), log=param.get("log", False)
+            )
+        overrides.append(f"{name}={json.dumps(value)}")
+    return overrides
+
+
+def check_objectives(cfg: DictConfig) -> list[str]:
+    objectives = list(cfg.tune.objectives)
+    unknown = [o for o in objectives if o not in DIRECTIONS]
+    if not objectives or unknown:
+        raise ValueError(f"tune.objectives {objectives}: each must be one of {sorted(DIRECTIONS)}")
+    if SPEED_METRICS & set(objectives) and not cfg.profile.enabled:
+        raise ValueError(f"objective(s) {sorted(SPEED_METRICS & set(objectives))} need profile.enabled=true")
+    if {"acc_drop_pct", "acc_avg"} & set(objectives) and not cfg.eval.tasks.names:
+        raise ValueError("objectives acc_avg/acc_drop_pct need eval.tasks.names (e.g. [commonsense])")
+    return objectives
+
+
+def storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+    url = str(cfg.tune.storage)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=int(cfg.tune.heartbeat_s),
+        grace_period=int(cfg.tune.grace_period_s),
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+
+
+def open_study(cfg: DictConfig, name: str, space: list[dict], objectives: list[str], base: list[str]) -> optuna.Study:
+    """Create the study, or load it if it exists with the same search space and objectives."""
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=int(cfg.tune.startup_trials))
+    single = len(objectives) == 1
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage(cfg),
+        load_if_exists=True,
+        directions=[DIRECTIONS[o] for o in objectives],
+        sampler=optuna.samplers.TPESampler(seed=int(cfg.tune.sampler_seed)),
+        pruner=pruner if single and cfg.tune.prune else optuna.pruners.NopPruner(),
+    )
+    attrs = {"search_space": space, "objectives": objectives, "base_overrides": base}
+    for key, value in attrs.items():
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            raise ValueError(
+                f"study {name!r} in {cfg.tune.storage} exists with another {key}: {stored} (now {value}); "
+                f"pick another tune.study_name or delete the study"
+            )
+    study.set_user_attr("experiment", str(cfg.tracking.experiment))
+    study.set_user_attr("method", str(cfg.method.name))
+    return study
+
+
+def parent_run(study: optuna.Study, experiment_id: str, cfg: DictConfig) -> str:
+    """The study's MLflow parent run, created once and shared by every worker and resumption."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id is not None:
+        return run_id
+    tags = {"tune.study": study.study_name, "method": cfg.method.name, "family": cfg.method.family}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study {study.study_name}", tags=tags) as parent:
+        mlflow.log_params(
+            {"tune.storage": cfg.tune.storage, "tune.objectives": list(cfg.tune.objectives), "seed": cfg.seed}
+        )
+        mlflow.log_dict({"search_space": study.user_attrs["search_space"]}, "search_space.json")
+    study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+    return parent.info.run_id
+
+
+def make_probe(trial: optuna.Trial, eval_cfg: Mapping, windows: int, child: dict):
+    """After quantization: KL on the first ``windows`` evaluation windows, reported to the pruner."""
+
+    def probe(model: torch.nn.Module, tokens: torch.Tensor, reference: evaluate.Scores) -> None:
+        child["run_id"] = mlflow.active_run().info.run_id
+        start = time.perf_counter()
+        prefix = tokens[: windows * int(eval_cfg["context"])]
+        proxy = evaluate.kl_on_prefix(model, prefix, reference, eval_cfg)
+        log.info("trial %d: proxy KL %.4f (%.1f s)", trial.number, proxy, time.perf_counter() - start)
+        mlflow.log_metric("proxy_kl", proxy)
+        trial.report(proxy, step=0)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"proxy KL {proxy:.4f} is worse than the median of earlier trials")
+
+    return probe
+
+
+def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, space: list[dict]):
+    objectives = study.user_attrs["objectives"]
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
+        sampled = sample(trial, space)
+        overrides = [*cfg_overrides, *sampled]
+        cfg = compose_config(overrides)
+        experiment_id, _, tags, model_path = run.prepare(cfg, overrides)
+        tags |= {"tune.study": study.study_name, "tune.trial": str(trial.number)}
+        name = f"{study.study_name} #{trial.number} " + " ".join(sampled)
+        trial.set_user_attr("overrides", sampled)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        child: dict = {}
+        pruning = len(objectives) == 1 and cfg.tune.prune
+        eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+        probe = make_probe(trial, eval_cfg, int(cfg.tune.proxy_windows), child) if pruning else None
+        try:
+            with mlflow.start_run(run_id=parent_id):  # the trial's run nests under the study's
+                metrics = run.tracked_run(cfg, experiment_id, name, tags, model_path, probe=probe)
+        except optuna.TrialPruned:
+            # MLflow marked the run FAILED on the exception; a pruned trial was stopped, not broken.
+            mlflow.MlflowClient().set_tag(child["run_id"], "tune.pruned", "true")
+            mlflow.MlflowClient().set_terminated(child["run_id"], "KILLED")
+            raise
+        values = []
+        for key in objectives:
+            value = metrics.get(key)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"trial {trial.number}: objective {key} is {value!r}")
+            values.append(value)
+        trial.set_user_attr("run_id", metrics["run_id"])
+        return values[0] if len(values) == 1 else tuple(values)
+
+    return objective
+
+
+def write_best(study: optuna.Study, cfg: DictConfig, base: list[str]) -> Path | None:
+    """The best trial (single objective) or the Pareto trial best on the first objective, as an experiment config."""
+    best = [t for t in study.best_trials]
+    if not best:
+        return None
+    direction = study.directions[0]
+    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
+    trial = min(best, key=lambda t: sign * t.values[0])
+    # tracking and hydra settings belong to the machine that tuned, not to the tuned method
+    values_only = [o for o in base + trial.user_attrs["overrides"] if not _is_choice(o)]
+    nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(("tracking.", "hydra."))])
+    OmegaConf.update(nested, "tracking.tags.tuned_from", study.study_name, force_add=True)
+    choices = [o for o in base if _is_choice(o)]
+    values = ", ".join(f"{k}={v:.4g}" for k, v in zip(study.user_attrs["objectives"], trial.values))
+    lines = [
+        "# @package _global_",
+        f"# Written by pipeline.tune: study {study.study_name!r} ({cfg.tune.storage}), trial {trial.number}: {values}.",
+        f"# Rerun: python -m pipeline experiment=tuned/{study.study_name}",
+        "defaults:",
+        *[f"  - override /{o.split('=', 1)[0]}: {o.split('=', 1)[1]}" for o in choices],
+    ]
+    if not choices:
+        lines.pop()
+    path = REPO / cfg.tune.best_dir / f"{study.study_name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + OmegaConf.to_yaml(nested))
+    return path
+
+
+def _is_choice(override: str) -> bool:
+    """A config-group choice (``method=gptq``) rather than a value (``method.bits=3``)."""
+    key = override.split("=", 1)[0]
+    return "." not in key and (CONF / key).is_dir()
+
+
+def summarize(study: optuna.Study) -> dict[str, float]:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.duration]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and t.duration]
+    mean_full = sum(t.duration.total_seconds() for t in done) / len(done) if done else 0.0
+    saved = sum(max(0.0, mean_full - t.duration.total_seconds()) for t in pruned)
+    out = {
+        "trials_complete": float(len(done)),
+        "trials_pruned": float(len(pruned)),
+        "trials_failed": float(sum(t.state == optuna.trial.TrialState.FAIL for t in trials)),
+        "trial_mean_s": mean_full,
+        "prune_saved_s": saved,
+    }
+    if len(study.directions) == 1 and done:
+        out["best_value"] = study.best_value
+        out["best_trial"] = float(study.best_trial.number)
+    return out
+
+
+def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str]]:
+    """Check the config and search space, open (or create) the study and its MLflow parent run."""
+    if any(o.startswith("experiment=") for o in overrides):
+        raise ValueError("pipeline.tune composes conf/tune.yaml; give the overrides themselves, not experiment=")
+    cfg = compose_config(overrides)
+    space = check_space(cfg)
+    objectives = check_objectives(cfg)
+    name = cfg.tune.study_name or f"{cfg.model.name}-{cfg.method.name}".replace("/", "_")
+    base = [o for o in overrides if not o.startswith("tune.")]
+    study = open_study(cfg, name, space, objectives, base)
+    experiment_id, *_ = run.prepare(cfg, overrides)
+    return cfg, study, parent_run(study, experiment_id, cfg), space, base
+
+
+def tune(overrides: list[str]) -> optuna.Study:
+    cfg, study, parent_id, space, base = setup_study(overrides)
+    name = study.study_name
+    remaining = int(cfg.tune.n_trials) - sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    start = time.perf_counter()
+    if remaining > 0:
+        log.info("study %s: %d trial(s) to run of %d", name, remaining, cfg.tune.n_trials)
+        study.optimize(
+            objective_fn(base, study, parent_id, space),
+            n_trials=remaining,
+            # A trial's error is recorded (FAIL in Optuna, FAILED in MLflow) and the study goes on.
+            catch=(ValueError, RuntimeError, ArithmeticError),
+            callbacks=[optuna.study.MaxTrialsCallback(int(cfg.tune.n_trials), states=FINISHED)],
+        )
+    else:
+        log.info("study %s already has %d finished trials; nothing to run", name, cfg.tune.n_trials)
+    summary = summarize(study)
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_metrics(summary)
+        mlflow.log_metric("worker_wall_s", time.perf_counter() - start)
+        path = write_best(study, cfg, base) if cfg.tune.best_dir else None
+        if path is not None:
+            mlflow.log_artifact(str(path))
+            mlflow.set_tag("best_config", str(path))
+    log.info("study %s: %s; best config: %s", name, summary, path)
+    return study
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Tune a method with Optuna: python -m pipeline.tune method=<m> ...")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the study (default 1)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=gptq tune.n_trials=8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        if args.workers > 1:
+            _spawn(args.workers, args.overrides)
+        else:
+            tune(args.overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _spawn(workers: int, overrides: list[str]) -> None:
+    """Start ``workers`` processes on one study, created here first so that they do not race to create it.
+
+    Each worker gets an equal share of the cores (threads oversubscribed across processes run far slower).
+    """
+    setup_study(overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], env=env) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"worker exit codes: {codes}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Optuna tuning on a tiny model: a study, its MLflow runs, resume, two workers, bad input."""
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from conftest import CONF, tiny_llama
+from hydra import compose, initialize_config_dir
+
+from pipeline import tune
+
+REPO = Path(__file__).resolve().parent.parent
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    """Overrides that point the pipeline at a tiny model, a small protocol and temp stores."""
+    tmp = tmp_path_factory.mktemp("tune")
+    tiny_llama(vocab_size=len(tokenizer), seed=3).save_pretrained(tmp / "m")
+    tokenizer.save_pretrained(tmp / "m")
+    return tmp, [
+        "model=hf",
+        f"model.path={tmp / 'm'}",
+        "eval.tokens=256",
+        "eval.context=64",
+        "eval.stride=64",
+        "eval.kl_tokens=128",
+        "eval.generation.new_tokens=2",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tune.storage=sqlite:///{tmp}/optuna.db",
+        f"tune.best_dir={tmp}/conf/experiment/tuned",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _cache(base, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(base[0] / "cache"))
+
+
+def _study(base, *overrides: str) -> tuple[str, list[str]]:
+    name = f"t{uuid.uuid4().hex[:8]}"
+    return name, [*base[1], "method=group_wise", f"tune.study_name={name}", *overrides]
+
+
+def _children(name: str) -> list:
+    experiment = mlflow.get_experiment_by_name("tune")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    return [r for r in runs if r.data.tags.get("tune.study") == name and "tune.trial" in r.data.tags]
+
+
+def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(base):
+    name, overrides = _study(base, "tune.n_trials=2")
+    study = tune.tune(overrides)
+    assert [t.state for t in study.trials] == [COMPLETE, COMPLETE]
+    # group sizes the tiny model (inputs 64 and 128) cannot take were dropped from the space
+    assert {t.params["method.group_size"] for t in study.trials} <= {32, 64}
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    children = _children(name)
+    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent_id}
+    assert {c.data.tags["tune.trial"] for c in children} == {"0", "1"}
+    assert all("kl_vs_ref" in c.data.metrics and "proxy_kl" in c.data.metrics for c in children)
+
+    resumed = tune.tune([*overrides[:-1], "tune.n_trials=3"])  # the same study, one more trial
+    assert [t.number for t in resumed.trials] == [0, 1, 2] and len(_children(name)) == 3
+    assert resumed.trials[0].values == study.trials[0].values  # kept, not redone
+
+    best = base[0] / "conf" / "experiment" / "tuned" / f"{name}.yaml"
+    text = best.read_text()
+    assert "override /model: hf" in text and "override /method: group_wise" in text and "tuned_from" in text
+    settings = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not [line for line in settings if "sqlite" in line]  # no store paths of the machine that tuned
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
+    assert cfg.method.group_size == resumed.best_params["method.group_size"]
+    assert cfg.tracking.tags.tuned_from == name
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(base):
+    # 1000 new tokens exceed the tiny model's 256 positions: that trial fails inside its run
+    space = "search.params=[{name:eval.generation.new_tokens,choices:[2,1000]}]"
+    name, overrides = _study(base, "tune.n_trials=4", "tune.prune=false", space)
+    study = tune.tune(overrides)
+    states = {t.params["eval.generation.new_tokens"]: t.state for t in study.trials}
+    assert states == {2: COMPLETE, 1000: optuna.trial.TrialState.FAIL}
+    statuses = {c.data.params["eval.generation.new_tokens"]: c.info.status for c in _children(name)}
+    assert statuses == {"2": "FINISHED", "1000": "FAILED"}
+
+
+def test_bad_search_spaces_and_objectives_are_refused(base):
+    _, overrides = _study(base, "search.params=[{name:method.group_size,choices:[100,48]}]")
+    with pytest.raises(ValueError, match=r"none of the group sizes \[100, 48\].*valid sizes: \[8, 16, 32, 64\]"):
+        tune.tune(overrides)
+    _, overrides = _study(base, "method=fp")
+    with pytest.raises(ValueError, match="no search space for method 'fp'"):
+        tune.tune(overrides)
+    _, overrides = _study(base, "tune.objectives=[accuracy]")
+    with pytest.raises(ValueError, match="each must be one of"):
+        tune.tune(overrides)
+    _, overrides = _study(base, "tune.objectives=[decode_tok_s]")
+    with pytest.raises(ValueError, match="need profile.enabled=true"):
+        tune.tune(overrides)
+    name, overrides = _study(base, "tune.n_trials=1")
+    tune.tune(overrides)
+    with pytest.raises(ValueError, match=f"study '{name}' .* exists with another search_space"):
+        tune.tune([*overrides, "search.params=[{name:method.group_size,choices:[32]}]"])
+
+
+def test_two_worker_processes_share_one_study(base):
+    name, overrides = _study(base, "tune.n_trials=4")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune", "--workers", "2", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "QUANTBENCH_CACHE": str(base[0] / "cache")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{base[0]}/optuna.db")
+    finished = [t for t in study.trials if t.state == COMPLETE]
+    assert len(finished) >= 4 and len({t.user_attrs["worker"] for t in finished}) == 2
+
+
+def test_hopeless_trials_are_pruned_after_quantization(base):
+    # after one full trial, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
+    space = "search.params=[{name:method.bits,choices:[8,2]}]"
+    name, overrides = _study(base, "tune.n_trials=5", "tune.startup_trials=1", space)
+    study = tune.tune(overrides)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.params["method.bits"] == 2 for t in pruned)
+    runs = {c.data.tags["tune.trial"]: c for c in _children(name)}
+    for trial in pruned:
+        run = runs[str(trial.number)]
+        assert run.info.status == "KILLED" and run.data.tags["tune.pruned"] == "true"
+        assert "proxy_kl" in run.data.metrics and "ppl" not in run.data.metrics  # stopped before evaluation
+    parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["trials_pruned"] == len(pruned) and "prune_saved_s" in parent.data.metrics
