@@ -140,3 +140,18 @@ def test_hopeless_trials_are_pruned_after_quantization(base):
         assert "proxy_kl" in run.data.metrics and "ppl" not in run.data.metrics  # stopped before evaluation
     parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.metrics["trials_pruned"] == len(pruned) and "prune_saved_s" in parent.data.metrics
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "search").glob("*.yaml")))
+def test_every_search_space_composes_and_samples_valid_settings(method, base):
+    cfg = tune.compose_config([*base[1], f"method={method}"])
+    space = tune.check_space(cfg)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    overrides = tune.sample(trial, space)
+    sampled = tune.compose_config([*base[1], f"method={method}", *overrides])
+    for param in space:
+        assert f"{param['name']}=" in " ".join(overrides)
+        value = sampled
+        for key in param["name"].split("."):
+            value = value[key]
+        assert value == trial.params[param["name"]]
