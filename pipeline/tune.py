@@ -144,7 +144,7 @@ def storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
         url,
         heartbeat_interval=int(cfg.tune.heartbeat_s),
         grace_period=int(cfg.tune.grace_period_s),
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
 
 
