@@ -144,10 +144,12 @@ def _settings(runs: pd.DataFrame) -> list[str]:
     return [_setting(*values) for values in zip(*(_col(runs, c) for c in columns))]
 
 
-def _tuned(overrides, study) -> str:
-    """What was set beyond the preset: the run's overrides, and the Optuna study that chose them."""
+def _tuned(overrides, study, tuned_settings) -> str:
+    """What was set beyond the preset: the run's overrides, and the Optuna study and settings it chose."""
     # method= and experiment= are in the table already; what is left was set by hand or by a tuner.
     items = [] if _missing(overrides) else str(overrides).split()
+    if not _missing(tuned_settings):
+        items += str(tuned_settings).split()
     text = " ".join(o for o in items if not o.startswith(("method=", "experiment=")))
     if not _missing(study):
         return f"study {study}: {text}" if text else f"study {study}"
@@ -199,7 +201,10 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "speed-up": _num(runs, "metrics.speedup_vs_ref"),
             "stability (std)": acc["std"],
             "tuned settings": [
-                _tuned(o, s) for o, s in zip(_col(runs, "tags.overrides"), _col(runs, "tags.tuned_from"))
+                _tuned(*cells)
+                for cells in zip(
+                    _col(runs, "tags.overrides"), _col(runs, "tags.tuned_from"), _col(runs, "tags.tuned_settings")
+                )
             ],
             "kernels": _col(runs, "tags.kernels"),
             "gen match": _num(runs, "metrics.gen_match_rate"),

@@ -255,6 +255,7 @@ def write_best(study: optuna.Study, cfg: DictConfig, base: list[str]) -> Path | 
     values_only = [o for o in base + trial.user_attrs["overrides"] if not _is_choice(o)]
     nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(("tracking.", "hydra."))])
     OmegaConf.update(nested, "tracking.tags.tuned_from", study.study_name, force_add=True)
+    OmegaConf.update(nested, "tracking.tags.tuned_settings", " ".join(trial.user_attrs["overrides"]), force_add=True)
     choices = [o for o in base if _is_choice(o)]
     values = ", ".join(f"{k}={v:.4g}" for k, v in zip(study.user_attrs["objectives"], trial.values))
     lines = [
@@ -308,6 +309,7 @@ def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, li
     base = [o for o in overrides if not o.startswith("tune.")]
     study = open_study(cfg, name, space, objectives, base)
     experiment_id, *_ = run.prepare(cfg, overrides)
+    mlflow.set_experiment(experiment_id=experiment_id)  # resuming the parent run checks the active experiment
     return cfg, study, parent_run(study, experiment_id, cfg), space, base
 
 

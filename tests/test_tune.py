@@ -77,7 +77,7 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
     assert cfg.method.group_size == resumed.best_params["method.group_size"]
-    assert cfg.tracking.tags.tuned_from == name
+    assert cfg.tracking.tags.tuned_from == name and "method.group_size=" in cfg.tracking.tags.tuned_settings
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(base):
