@@ -362,9 +362,12 @@ def _spawn(workers: int, overrides: list[str]) -> None:
 
     Each worker gets an equal share of the cores (threads oversubscribed across processes run far slower).
     """
-    setup_study(overrides)
+    cfg, *_ = setup_study(overrides)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], env=env) for _ in range(workers)]
+    # One sampler seed per worker: with the same seed every worker would sample the same settings.
+    seeds = [f"tune.sampler_seed={int(cfg.tune.sampler_seed) + rank}" for rank in range(workers)]
+    cmd = [sys.executable, "-m", "pipeline.tune", *overrides]
+    procs = [subprocess.Popen([*cmd, seed], env=env) for seed in seeds]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"worker exit codes: {codes}")
