@@ -30,6 +30,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline import tracking
+from pipeline.tasks import TASK_GROUPS as GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +513,58 @@ def comparison_markdown(experiment: str, runs: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The evaluation suite (zero-shot groups, perplexity by context length, generation)
+
+
+def suite_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """Per method: accuracy per task group, ``acc_avg``, ``acc_drop_pct``, ``ppl_ctx/*``, generation agreement.
+
+    None when no run measured tasks or context lengths.
+    """
+    groups = [
+        c for c in runs.columns if re.fullmatch(r"metrics\.acc/[a-z_]+", c) and c.removeprefix("metrics.acc/") in GROUPS
+    ]
+    contexts = sorted((c for c in runs.columns if c.startswith("metrics.ppl_ctx/")), key=lambda c: int(c.split("/")[1]))
+    if not groups and not contexts:
+        return None
+    columns = {"method": _col(runs, "tags.method"), "bits/weight": _num(runs, "metrics.bits_per_weight")}
+    columns |= {c.removeprefix("metrics.acc/"): _num(runs, c) for c in groups}
+    columns |= {"acc_avg": _num(runs, "metrics.acc_avg"), "drop %": _num(runs, "metrics.acc_drop_pct")}
+    columns |= {f"ppl@{c.split('/')[1]}": _num(runs, c) for c in contexts}
+    columns |= {
+        "gen match": _num(runs, "metrics.gen_match_rate"),
+        "first diverg.": _num(runs, "metrics.gen_first_divergence"),
+        "repetition": _num(runs, "metrics.gen_repetition_rate"),
+    }
+    table = pd.DataFrame(columns)
+    return table.sort_values(["bits/weight", "drop %"], ascending=[False, True], na_position="last").reset_index(
+        drop=True
+    )
+
+
+def suite_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    first = runs.iloc[0]
+    formats = {c: "{:.3f}" for c in table.columns} | {
+        "method": "{}",
+        "bits/weight": "{:.2f}",
+        "drop %": "{:+.1f}",
+        "first diverg.": "{:.1f}",
+    }
+    formats |= {c: "{:.2f}" for c in table.columns if c.startswith("ppl@")}
+    return (
+        f"# {experiment}: evaluation suite\n\n"
+        "Zero-shot accuracy per task group through lm-eval (each group the mean of its tasks, acc_norm where "
+        "reported), `acc_avg` (mean of the groups) and its relative drop vs the reference (`acc_drop_pct`); "
+        "perplexity at several context lengths on the same tokens (`ppl@<len>`); greedy generation vs the "
+        "reference (`gen match`: same token at the same position; `first diverg.`: mean index of the first "
+        "different token; `repetition`: repeated 3-grams). "
+        f"Tasks: {first.get('params.eval.tasks.names')}, limit {first.get('params.eval.tasks.limit')} per task, "
+        f"{first.get('params.eval.tasks.num_fewshot')}-shot; generation: "
+        f"{first.get('params.eval.generation.new_tokens')} tokens per prompt.\n\n" + to_markdown(table, formats)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 
 
@@ -526,10 +579,17 @@ def write_report(experiment: str, out_dir: Path, storage: str = DEFAULT_STORAGE)
     }
     for name, text in texts.items():
         (out_dir / name).write_text(text)
+    suite = suite_table(runs)
+    if suite is not None:
+        texts["suite.md"] = suite_markdown(experiment, runs, suite)
+        (out_dir / "suite.md").write_text(texts["suite.md"])
+        suite.to_csv(out_dir / "suite.csv", index=False)
     methods = method_table(runs)
     methods.to_csv(out_dir / "methods.csv", index=False)
     comparison(runs).to_csv(out_dir / "comparison.csv", index=False)
     written = [out_dir / n for n in ("methods.md", "methods.csv", "precision.md", "comparison.md", "comparison.csv")]
+    if suite is not None:
+        written += [out_dir / "suite.md", out_dir / "suite.csv"]
 
     figures = {
         "accuracy_vs_bits.png": plot_accuracy_vs_bits(runs, experiment),

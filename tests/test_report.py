@@ -22,7 +22,9 @@ RUNS = [
         {"method": "fp", "family": "reference", "bits": "None", "granularity": "None", "kernels": "none"},
         {"method.bits": "None", "method.granularity": "None", "method.group_size": "None"},
         {"ppl": 20.0, "kl_vs_ref": 0.0, "bits_per_weight": 32.0, "weight_mb": 500.0, "decode_tok_s": 10.0,
-         "speedup_vs_ref": 1.0, "mem_reduction_vs_fp16_pct": -100.0, "acc_avg": 0.5, "acc_drop_pct": 0.0},
+         "speedup_vs_ref": 1.0, "mem_reduction_vs_fp16_pct": -100.0, "acc_avg": 0.5, "acc_drop_pct": 0.0,
+         "acc/commonsense": 0.6, "acc/numerical": 0.4, "acc/hellaswag": 0.45, "ppl_ctx/128": 30.0, "ppl_ctx/1024": 21.0,
+         "gen_match_rate": 1.0},
     ),
     (
         "m/weight_only",  # best 8-bit: lowest accuracy drop, though per_tensor has the lower KL
@@ -31,7 +33,8 @@ RUNS = [
         {"method.bits": "8", "method.granularity": "per_channel", "method.group_size": "None"},
         {"ppl": 20.1, "kl_vs_ref": 0.004, "bits_per_weight": 8.02, "weight_mb": 210.0, "decode_tok_s": 14.0,
          "speedup_vs_ref": 1.4, "mem_reduction_vs_fp16_pct": 18.0, "acc_avg": 0.495, "acc_drop_pct": 1.0,
-         "gen_match_rate": 0.9},
+         "gen_match_rate": 0.9, "acc/commonsense": 0.59, "acc/numerical": 0.4, "ppl_ctx/128": 30.5,
+         "ppl_ctx/1024": 21.2},
     ),
     (
         "m/per_tensor",
@@ -187,7 +190,7 @@ def test_pareto_front_excludes_dominated_points():
 
 def test_report_files_and_summary_run(store, written):
     names = {p.name for p in written.iterdir()}
-    expected = {"methods.md", "methods.csv", "precision.md", "comparison.md", "comparison.csv"}
+    expected = {"methods.md", "methods.csv", "precision.md", "comparison.md", "comparison.csv", "suite.md", "suite.csv"}
     pngs = {"accuracy_vs_bits.png", "accuracy_vs_speed.png", "history_gptq_w4.png", "history_bits_kl.png"}
     assert names == expected | pngs  # no plot for the other experiment's study
     for name in pngs:
@@ -205,6 +208,18 @@ def test_report_files_and_summary_run(store, written):
     assert expected | pngs | {"methods.json"} <= artifacts
     logged = mlflow.MlflowClient().load_table(exp.experiment_id, "methods.json", run_ids=[summary])
     assert "gptq" in set(logged["method"])
+
+
+def test_suite_table_has_groups_contexts_and_generation(store, written):
+    mlflow.set_tracking_uri(store["uri"])
+    runs = report.load_runs("fake")
+    table = report.suite_table(runs).set_index("method")
+    # groups only (a task such as hellaswag is not a column), context lengths in increasing order
+    assert list(table.columns[1:3]) == ["commonsense", "numerical"] and "hellaswag" not in table.columns
+    assert [c for c in table.columns if c.startswith("ppl@")] == ["ppl@128", "ppl@1024"]
+    assert table.loc["weight_only", "drop %"] == 1.0 and table.loc["weight_only", "gen match"] == 0.9
+    assert "| fp | 32.00 | 0.600 | 0.400 | 0.500 | +0.0 | 30.00 | 21.00 | 1.000 |" in (written / "suite.md").read_text()
+    assert report.suite_table(runs.drop(columns=[c for c in runs if "acc/" in c or "ppl_ctx" in c])) is None
 
 
 def test_speed_plot_skipped_without_speed_numbers(store):
