@@ -157,3 +157,35 @@ def test_every_search_space_composes_and_samples_valid_settings(method, base):
         for key in param["name"].split("."):
             value = value[key]
         assert value == trial.params[param["name"]]
+
+
+def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
+    import os
+    import signal
+    import time
+
+    name, overrides = _study(base, "tune.n_trials=3", "tune.heartbeat_s=1", "tune.grace_period_s=2")
+    storage = f"sqlite:///{base[0]}/optuna.db"
+    env = {**os.environ, "QUANTBENCH_CACHE": str(base[0] / "cache"), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], cwd=REPO, env=env)
+    try:  # kill it while its second trial runs
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+                continue
+            states = [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
+            if states[:1] == [COMPLETE] and optuna.trial.TrialState.RUNNING in states[1:]:
+                break
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.wait()
+    before = optuna.load_study(study_name=name, storage=storage).trials
+    assert [t.state for t in before] == [COMPLETE, optuna.trial.TrialState.RUNNING]
+    time.sleep(3)  # past the grace period: the RUNNING trial is now stale
+
+    resumed = tune.tune(overrides)
+    states = [t.state for t in resumed.trials]
+    assert states == [COMPLETE, optuna.trial.TrialState.FAIL, COMPLETE]
+    assert resumed.trials[0].values == before[0].values  # the finished trial was kept, not redone
+    assert resumed.trials[2].params == before[1].params  # the interrupted one was retried once
