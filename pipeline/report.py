@@ -413,8 +413,9 @@ def plot_accuracy_vs_speed(runs: pd.DataFrame, title: str = "") -> Figure | None
     return fig
 
 
-def plot_studies(experiment: str, storage: str, out_dir: Path) -> list[Path]:
-    """``history_<study>.png`` for each Optuna study whose ``user_attrs["experiment"]`` is this experiment."""
+def plot_studies(experiment: str, storage: str, out_dir: Path, studies: set[str] = frozenset()) -> list[Path]:
+    """``history_<study>.png`` for each Optuna study whose ``user_attrs["experiment"]`` is this experiment,
+    and for the ``studies`` named (those the experiment's tuned runs came from)."""
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         log.info("no Optuna storage at %s: no study plots", storage)  # opening it would create an empty one
         return []
@@ -423,7 +424,7 @@ def plot_studies(experiment: str, storage: str, out_dir: Path) -> list[Path]:
 
     paths = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if summary.user_attrs.get("experiment") != experiment:
+        if summary.user_attrs.get("experiment") != experiment and summary.study_name not in studies:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         with warnings.catch_warnings():
@@ -602,7 +603,7 @@ def write_report(experiment: str, out_dir: Path, storage: str = DEFAULT_STORAGE)
             continue
         fig.savefig(out_dir / name, dpi=120)
         written.append(out_dir / name)
-    written += plot_studies(experiment, storage, out_dir)
+    written += plot_studies(experiment, storage, out_dir, set(_col(runs, "tags.tuned_from").dropna()))
 
     exp = mlflow.get_experiment_by_name(experiment)
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name="report", tags={SUMMARY_TAG: "report"}):

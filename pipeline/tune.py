@@ -254,6 +254,7 @@ def write_best(study: optuna.Study, cfg: DictConfig, base: list[str]) -> Path | 
     # tracking and hydra settings belong to the machine that tuned, not to the tuned method
     values_only = [o for o in base + trial.user_attrs["overrides"] if not _is_choice(o)]
     nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(("tracking.", "hydra."))])
+    OmegaConf.update(nested, "tracking.experiment", "tuned", force_add=True)  # tuned methods side by side
     OmegaConf.update(nested, "tracking.tags.tuned_from", study.study_name, force_add=True)
     OmegaConf.update(nested, "tracking.tags.tuned_settings", " ".join(trial.user_attrs["overrides"]), force_add=True)
     choices = [o for o in base if _is_choice(o)]

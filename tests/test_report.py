@@ -222,6 +222,11 @@ def test_suite_table_has_groups_contexts_and_generation(store, written):
     assert report.suite_table(runs.drop(columns=[c for c in runs if "acc/" in c or "ppl_ctx" in c])) is None
 
 
+def test_study_plots_for_the_studies_tuned_runs_came_from(store, tmp_path):
+    paths = report.plot_studies("no_such_experiment", store["storage"], tmp_path, {"other"})
+    assert [p.name for p in paths] == ["history_other.png"]
+
+
 def test_speed_plot_skipped_without_speed_numbers(store):
     mlflow.set_tracking_uri(store["uri"])
     runs = report.load_runs("fake")

@@ -76,14 +76,14 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
     assert not [line for line in settings if "sqlite" in line]  # no store paths of the machine that tuned
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
-    assert cfg.method.group_size == resumed.best_params["method.group_size"]
+    assert cfg.method.group_size == resumed.best_params["method.group_size"] and cfg.tracking.experiment == "tuned"
     assert cfg.tracking.tags.tuned_from == name and "method.group_size=" in cfg.tracking.tags.tuned_settings
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(base):
     # 1000 new tokens exceed the tiny model's 256 positions: that trial fails inside its run
     space = "search.params=[{name:eval.generation.new_tokens,choices:[2,1000]}]"
-    name, overrides = _study(base, "tune.n_trials=4", "tune.prune=false", space)
+    name, overrides = _study(base, "tune.n_trials=4", "tune.prune=false", "eval.generation.prompts=[Hello]", space)
     study = tune.tune(overrides)
     states = {t.params["eval.generation.new_tokens"]: t.state for t in study.trials}
     assert states == {2: COMPLETE, 1000: optuna.trial.TrialState.FAIL}
