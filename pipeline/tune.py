@@ -84,6 +84,9 @@ def check_space(cfg: DictConfig) -> list[dict]:
             raise ValueError(f"search param {param!r} of {method}: `name` must be an existing config key")
         if "choices" not in param and not {"low", "high"} <= set(param):
             raise ValueError(f"search param {name} of {method}: give `choices`, or `low` and `high`")
+        earlier = [p["name"] for p in space[: space.index(param)]]
+        if any(key not in earlier for key in param.get("when") or {}):
+            raise ValueError(f"search param {name} of {method}: `when` may only name params listed before it")
         if name == "method.group_size":
             param["choices"] = _valid_choices(cfg, param["choices"])
     return space
@@ -106,10 +109,16 @@ def _valid_choices(cfg: DictConfig, choices: list) -> list:
 
 
 def sample(trial: optuna.Trial, space: list[dict]) -> list[str]:
-    """One value per search param, as Hydra overrides."""
+    """One value per search param, as Hydra overrides.
+
+    A param with ``when: {<earlier param>: <value>}`` is sampled only when those earlier values were
+    drawn (a group size only for ``granularity=group``); otherwise it keeps the preset's value.
+    """
     overrides = []
     for param in space:
         name = param["name"]
+        if any(trial.params.get(key) != value for key, value in (param.get("when") or {}).items()):
+            continue
         if "choices" in param:
             value = trial.suggest_categorical(name, param["choices"])
         elif isinstance(param["low"], int) and isinstance(param["high"], int):

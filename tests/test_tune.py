@@ -128,6 +128,17 @@ def test_two_worker_processes_share_one_study(base):
     assert len({str(p) for p in first.values()}) == 2  # workers sample with different seeds
 
 
+def test_conditional_params_are_sampled_only_when_their_condition_holds():
+    space = [
+        {"name": "method.granularity", "choices": ["per_channel", "group"]},
+        {"name": "method.group_size", "choices": [32, 64], "when": {"method.granularity": "group"}},
+    ]
+    per_channel = optuna.trial.FixedTrial({"method.granularity": "per_channel", "method.group_size": 32})
+    assert tune.sample(per_channel, space) == ['method.granularity="per_channel"']
+    group = optuna.trial.FixedTrial({"method.granularity": "group", "method.group_size": 32})
+    assert tune.sample(group, space) == ['method.granularity="group"', "method.group_size=32"]
+
+
 def test_hopeless_trials_are_pruned_after_quantization(base):
     # after one full trial, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
     space = "search.params=[{name:method.bits,choices:[8,2]}]"
@@ -152,7 +163,9 @@ def test_every_search_space_composes_and_samples_valid_settings(method, base):
     overrides = tune.sample(trial, space)
     sampled = tune.compose_config([*base[1], f"method={method}", *overrides])
     for param in space:
-        assert f"{param['name']}=" in " ".join(overrides)
+        if param["name"] not in trial.params:  # a conditional param whose condition was not drawn
+            assert param.get("when") and f"{param['name']}=" not in " ".join(overrides)
+            continue
         value = sampled
         for key in param["name"].split("."):
             value = value[key]
