@@ -108,6 +108,20 @@ def _valid_choices(cfg: DictConfig, choices: list) -> list:
     return kept
 
 
+def preset_params(cfg: DictConfig, space: list[dict]) -> dict:
+    """The configured value of each search param that the space admits (conditions checked in order)."""
+    params = {}
+    for param in space:
+        if any(params.get(key) != value for key, value in (param.get("when") or {}).items()):
+            continue
+        value = OmegaConf.select(cfg, param["name"])
+        if value is None:
+            continue
+        if value in param["choices"] if "choices" in param else param["low"] <= value <= param["high"]:
+            params[param["name"]] = value
+    return params
+
+
 def sample(trial: optuna.Trial, space: list[dict]) -> list[str]:
     """One value per search param, as Hydra overrides.
 
@@ -179,6 +193,9 @@ def open_study(cfg: DictConfig, name: str, space: list[dict], objectives: list[s
                 f"study {name!r} in {cfg.tune.storage} exists with another {key}: {stored} (now {value}); "
                 f"pick another tune.study_name or delete the study"
             )
+    if not study.trials:
+        # The preset first: a study then never ends worse than the method's defaults.
+        study.enqueue_trial(preset_params(cfg, space), user_attrs={"preset": True})
     study.set_user_attr("experiment", str(cfg.tracking.experiment))
     study.set_user_attr("method", str(cfg.method.name))
     return study

@@ -57,6 +57,12 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
     name, overrides = _study(base, "tune.n_trials=2")
     study = tune.tune(overrides)
     assert [t.state for t in study.trials] == [COMPLETE, COMPLETE]
+    # the preset (group 64, asymmetric, integer zero point) runs first
+    assert study.trials[0].params == {
+        "method.group_size": 64,
+        "method.symmetric": False,
+        "method.zero_point_domain": "int",
+    }
     # group sizes the tiny model (inputs 64 and 128) cannot take were dropped from the space
     assert {t.params["method.group_size"] for t in study.trials} <= {32, 64}
     parent_id = study.user_attrs["mlflow_parent_run_id"]
