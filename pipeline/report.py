@@ -522,9 +522,7 @@ def suite_table(runs: pd.DataFrame) -> pd.DataFrame | None:
 
     None when no run measured tasks or context lengths.
     """
-    groups = [
-        c for c in runs.columns if re.fullmatch(r"metrics\.acc/[a-z_]+", c) and c.removeprefix("metrics.acc/") in GROUPS
-    ]
+    groups = [f"metrics.acc/{group}" for group in GROUPS if f"metrics.acc/{group}" in runs]  # TASK_GROUPS order
     contexts = sorted((c for c in runs.columns if c.startswith("metrics.ppl_ctx/")), key=lambda c: int(c.split("/")[1]))
     if not groups and not contexts:
         return None
