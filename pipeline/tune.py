@@ -162,7 +162,9 @@ def check_objectives(cfg: DictConfig) -> list[str]:
 def storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     url = str(cfg.tune.storage)
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = REPO / url.removeprefix("sqlite:///")  # a relative path is under the repository, like mlruns/
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{path}"
     return optuna.storages.RDBStorage(
         url,
         heartbeat_interval=int(cfg.tune.heartbeat_s),
