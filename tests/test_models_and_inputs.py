@@ -221,3 +221,9 @@ def test_unreachable_tracking_server_fails_fast():
     with pytest.raises(ConnectionError, match="not usable"):
         tracking.setup({"uri": "http://127.0.0.1:9", "experiment": "x"})
     assert time.perf_counter() - start < 60
+
+
+def test_experiments_override_top_level_keys():
+    cfg = compose_cfg("experiment=stability")
+    assert list(cfg.repeat_seeds) == [0, 1, 2] and cfg.tracking.experiment == "stability"
+    assert list(compose_cfg("experiment=stability", "repeat_seeds=[4]").repeat_seeds) == [4]  # the command line wins
