@@ -246,8 +246,7 @@ def _reference_extras(cache: Path, model, tokenizer, tokens, eval_cfg: dict, see
     """The reference's extras, cached per (reference cache, extras config)."""
     if not eval_cfg["context_lengths"] and not eval_cfg["tasks"]["names"]:
         return {}
-    key = json.dumps({"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed}, sort_keys=True)
-    path = cache.with_name(f"{cache.stem}-extras-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+    path = _beside(cache, "extras", {"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed})
 
     def compute() -> dict[str, float]:
         out: dict[str, float] = {}
@@ -261,9 +260,14 @@ def _reference_generations(cache: Path, model, tokenizer, prompts: list[str], ne
     """The reference's greedy generations (token ids), cached per (reference cache, prompts, length)."""
     if not prompts:
         return []
-    key = json.dumps({"prompts": prompts, "new_tokens": new_tokens}, sort_keys=True)
-    path = cache.with_name(f"{cache.stem}-generations-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+    path = _beside(cache, "generations", {"prompts": prompts, "new_tokens": new_tokens})
     return evaluate.cached_json(path, lambda: generation.generate(model, tokenizer, prompts, new_tokens))
+
+
+def _beside(cache: Path, kind: str, key: dict) -> Path:
+    """A JSON cache next to the reference logits, named by what it was computed from."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache.with_name(f"{cache.stem}-{kind}-{digest}.json")
 
 
 def _train_qat(model, selected: dict, method: dict, batches, container: dict, seed: int) -> float:

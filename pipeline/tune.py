@@ -273,7 +273,7 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
 
 def write_best(study: optuna.Study, cfg: DictConfig, base: list[str]) -> Path | None:
     """The best trial (single objective) or the Pareto trial best on the first objective, as an experiment config."""
-    best = [t for t in study.best_trials]
+    best = study.best_trials
     if not best:
         return None
     direction = study.directions[0]
