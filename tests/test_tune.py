@@ -187,24 +187,34 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     storage = f"sqlite:///{base[0]}/optuna.db"
     env = {**os.environ, "QUANTBENCH_CACHE": str(base[0] / "cache"), "OMP_NUM_THREADS": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], cwd=REPO, env=env)
-    try:  # kill it while its second trial runs
+    running = optuna.trial.TrialState.RUNNING
+
+    def caught_mid_trial() -> bool:  # finished trial(s), then one running
+        if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            return False
+        states = [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
+        return len(states) >= 2 and states[-1] == running and set(states[:-1]) == {COMPLETE}
+
+    try:  # kill it while a trial after the first runs; SIGSTOP first so the state we check is the state we kill
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
-            if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            if not caught_mid_trial():
                 continue
-            states = [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
-            if states[:1] == [COMPLETE] and optuna.trial.TrialState.RUNNING in states[1:]:
+            worker.send_signal(signal.SIGSTOP)
+            if caught_mid_trial():
                 break
+            worker.send_signal(signal.SIGCONT)  # it moved on between the two looks
         worker.send_signal(signal.SIGKILL)
     finally:
         worker.wait()
     before = optuna.load_study(study_name=name, storage=storage).trials
-    assert [t.state for t in before] == [COMPLETE, optuna.trial.TrialState.RUNNING]
+    done = len(before) - 1
+    assert [t.state for t in before] == [COMPLETE] * done + [running], "the worker was never caught mid-trial"
     time.sleep(3)  # past the grace period: the RUNNING trial is now stale
 
     resumed = tune.tune(overrides)
     states = [t.state for t in resumed.trials]
-    assert states == [COMPLETE, optuna.trial.TrialState.FAIL, COMPLETE]
-    assert resumed.trials[0].values == before[0].values  # the finished trial was kept, not redone
-    assert resumed.trials[2].params == before[1].params  # the interrupted one was retried once
+    assert states == [COMPLETE] * done + [optuna.trial.TrialState.FAIL, COMPLETE]
+    assert [t.values for t in resumed.trials[:done]] == [t.values for t in before[:done]]  # kept, not redone
+    assert resumed.trials[-1].params == before[-1].params  # the interrupted one was retried once
