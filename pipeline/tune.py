@@ -9,8 +9,8 @@ stages, and is an MLflow child run of the study's parent run, tagged with the st
   Pareto front. Directions come from ``DIRECTIONS``.
 - Storage: an RDB URL (sqlite by default). A study of the same name resumes: finished trials are
   kept and ``tune.n_trials`` counts them; trials a killed worker left RUNNING are failed after the
-  heartbeat grace period and retried once. Several processes (``--workers``, or on other machines
-  with a PostgreSQL URL) share one study.
+  heartbeat grace period (their MLflow runs too) and retried once. Several processes (``--workers``,
+  or on other machines with a PostgreSQL URL) share one study.
 - Pruning (single objective): right after quantization, KL vs the reference on the first
   ``tune.proxy_windows`` evaluation windows goes to a MedianPruner; a pruned trial skips the
   evaluation. The parent run logs ``prune_saved_s``: per pruned trial, the mean duration of the
@@ -327,6 +327,27 @@ def summarize(study: optuna.Study) -> dict[str, float]:
     return out
 
 
+def close_stale_runs(study: optuna.Study, parent_id: str) -> list[str]:
+    """Mark FAILED the MLflow runs of trials that Optuna failed as stale (their worker died mid-trial).
+
+    Their process never ended the run, so MLflow still shows it RUNNING. Runs of trials that are still
+    RUNNING in Optuna (another live worker) are left alone.
+    """
+    failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    query = f"tags.`tune.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    closed = []
+    for r in client.search_runs([experiment_id], filter_string=query):
+        if r.data.tags.get("tune.trial") in failed:
+            client.set_tag(r.info.run_id, "tune.stale", "true")
+            client.set_terminated(r.info.run_id, "FAILED")
+            closed.append(r.info.run_id)
+    if closed:
+        log.info("study %s: %d run(s) of dead workers' trials marked FAILED", study.study_name, len(closed))
+    return closed
+
+
 def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str]]:
     """Check the config and search space, open (or create) the study and its MLflow parent run."""
     if any(o.startswith("experiment=") for o in overrides):
@@ -358,6 +379,7 @@ def tune(overrides: list[str]) -> optuna.Study:
         )
     else:
         log.info("study %s already has %d finished trials; nothing to run", name, cfg.tune.n_trials)
+    close_stale_runs(study, parent_id)
     summary = summarize(study)
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_metrics(summary)

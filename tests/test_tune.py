@@ -189,11 +189,17 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], cwd=REPO, env=env)
     running = optuna.trial.TrialState.RUNNING
 
-    def caught_mid_trial() -> bool:  # finished trial(s), then one running
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base[0]}/mlflow.db")
+
+    def caught_mid_trial() -> bool:  # finished trial(s), then one running with its MLflow run open
         if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
             return False
         states = [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
-        return len(states) >= 2 and states[-1] == running and set(states[:-1]) == {COMPLETE}
+        if not (len(states) >= 2 and states[-1] == running and set(states[:-1]) == {COMPLETE}):
+            return False
+        experiment = client.get_experiment_by_name("tune")
+        query = f"tags.`tune.study` = '{name}' and tags.`tune.trial` = '{len(states) - 1}'"
+        return bool(client.search_runs([experiment.experiment_id], filter_string=query))
 
     try:  # kill it while a trial after the first runs; SIGSTOP first so the state we check is the state we kill
         deadline = time.monotonic() + 300
@@ -218,3 +224,5 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     assert states == [COMPLETE] * done + [optuna.trial.TrialState.FAIL, COMPLETE]
     assert [t.values for t in resumed.trials[:done]] == [t.values for t in before[:done]]  # kept, not redone
     assert resumed.trials[-1].params == before[-1].params  # the interrupted one was retried once
+    killed = [r for r in _children(name) if r.data.tags["tune.trial"] == str(done)]
+    assert [(r.info.status, r.data.tags.get("tune.stale")) for r in killed] == [("FAILED", "true")]
