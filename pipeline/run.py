@@ -199,7 +199,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if probe is not None:
         probe(model, tokens, reference)
 
-    profile.reset_peak_rss()
+    record({"rss_start_mb": profile.reset_peak_rss()})  # the live memory the eval peak starts from
     start = time.perf_counter()
     scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg)
     record(evaluate.compare(scores, reference))

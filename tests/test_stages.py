@@ -164,6 +164,15 @@ def test_peak_rss_resets():
     del block
 
 
+def test_peak_rss_starts_from_live_memory_not_from_what_was_freed():
+    # Many small tensors live on the heap; with the last one kept the heap cannot shrink by itself.
+    chunks = [torch.ones(32 * 2**10, dtype=torch.uint8) for _ in range(8192)]  # 256 MiB touched
+    rss_full = profile._status_mb("VmRSS")
+    del chunks[:-1]
+    assert profile.reset_peak_rss() < rss_full - 150  # the freed 256 MiB went back to the OS
+    assert profile.peak_rss_mb() < rss_full - 150
+
+
 def test_perplexity_by_context_length(llama):
     tokens = torch.randint(0, 512, (256,), generator=torch.Generator().manual_seed(0))
     ppl = evaluate.perplexity_by_context(llama, tokens, [32, 128], tokens_per_batch=128)
