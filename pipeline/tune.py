@@ -235,7 +235,7 @@ def make_probe(trial: optuna.Trial, eval_cfg: Mapping, windows: int, child: dict
     return probe
 
 
-def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, space: list[dict]):
+def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, space: list[dict], sampler_seed: int):
     objectives = study.user_attrs["objectives"]
 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -247,6 +247,7 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
         name = f"{study.study_name} #{trial.number} " + " ".join(sampled)
         trial.set_user_attr("overrides", sampled)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("sampler_seed", sampler_seed)
         child: dict = {}
         pruning = len(objectives) == 1 and cfg.tune.prune
         eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -371,7 +372,7 @@ def tune(overrides: list[str]) -> optuna.Study:
     if remaining > 0:
         log.info("study %s: %d trial(s) to run of %d", name, remaining, cfg.tune.n_trials)
         study.optimize(
-            objective_fn(base, study, parent_id, space),
+            objective_fn(base, study, parent_id, space, int(cfg.tune.sampler_seed)),
             n_trials=remaining,
             # A trial's error is recorded (FAIL in Optuna, FAILED in MLflow) and the study goes on.
             catch=(ValueError, RuntimeError, ArithmeticError),
