@@ -6,7 +6,6 @@ expensive stage. An exception ends the MLflow run as FAILED with whatever it had
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -186,8 +185,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     records = quantize.quantize_model(
         model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches
     )
-    del stats
-    gc.collect()
+    del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     _log_layer_table(records)
     record(
         {

@@ -189,7 +189,6 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     env = {**os.environ, "QUANTBENCH_CACHE": str(base[0] / "cache"), "OMP_NUM_THREADS": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *overrides], cwd=REPO, env=env)
     running = optuna.trial.TrialState.RUNNING
-
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base[0]}/mlflow.db")
 
     def caught_mid_trial() -> bool:  # finished trial(s), then one running with its MLflow run open
