@@ -215,3 +215,76 @@ def test_awq_scores_output_error_exactly_through_the_gram_matrix():
     x, diff = torch.randn(300, 16, generator=gen, dtype=torch.float64), torch.randn(8, 16, generator=gen)
     direct = float((x @ diff.double().T).pow(2).sum())
     assert awq._output_error((x.T @ x).float(), diff) == pytest.approx(direct, rel=1e-4)
+
+
+def tiny_gpt2():
+    """GPT-2 keeps its weights in transformers' Conv1D, as (in, out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, outlier_llama], ids=["gpt2_conv1d", "llama_linear"])
+def test_awq_scaling_and_folding_keep_the_float_function(build):
+    """AWQ's rescaling alone (no clipping, no rounding) must leave the float model's outputs unchanged."""
+    model = build()
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits
+    names = list(quantize.select_layers(model, layers_cfg())[0])
+    method = method_cfg("activation_aware")
+    spec = quantize.weight_spec(method)
+    options = {**method["awq"], "clip": False}
+    folded = {}
+
+    def scale_block(block_name, inputs, _state):
+        block = model.get_submodule(block_name)
+        for name, (s, was_folded) in awq.apply_awq(block, block_name, inputs, spec, "group", 64, options).items():
+            folded[name] = was_folded
+            if not was_folded:  # what QuantLinear's explicit input scale does
+                model.get_submodule(name).register_forward_pre_hook(lambda _m, a, s=s: (a[0] / s.to(a[0].dtype),))
+
+    sequential.run_blocks(model, names, BATCHES, scale_block, hessian=True)
+    assert any(folded.values()) and not all(folded.values())  # norms fold; attention/MLP outputs stay explicit
+    assert _logit_error(model, reference) < 1e-4
+
+
+def test_awq_runs_end_to_end_on_gpt2():
+    model = tiny_gpt2()
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits
+    records = quantize.quantize_model(
+        model, method_cfg("activation_aware", "method.bits=8"), layers_cfg(), calibration=BATCHES
+    )
+    assert sum(r.quantized for r in records) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert model.transformer.h[0].attn.c_attn.input_scale is None  # folded into ln_1
+    assert _logit_error(model, reference) < 0.02
+
+
+def test_awq_folds_its_scales_into_the_norms_of_a_bf16_model():
+    model = outlier_llama().to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model(input_ids=BATCHES).logits.float()
+    quantize.quantize_model(model, method_cfg("activation_aware", "method.bits=8"), layers_cfg(), calibration=BATCHES)
+    for block in model.model.layers:
+        for layer in (block.self_attn.q_proj, block.self_attn.k_proj, block.mlp.gate_proj, block.mlp.up_proj):
+            assert layer.input_scale is None, "the scale should fold into the preceding RMSNorm"
+    with torch.no_grad():
+        error = (model(input_ids=BATCHES).logits.float() - reference).norm() / reference.norm()
+    assert error < 0.05
+
+
+def test_awq_does_not_fold_into_a_norm_that_scales_by_one_plus_weight():
+    class OnePlusNorm(torch.nn.Module):  # Gemma's form: y = x * (1 + weight)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(8))
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    norm, s = OnePlusNorm(), torch.linspace(0.5, 2.0, 8)
+    assert not awq._fold_into_norm(norm, s) and torch.equal(norm.weight, torch.zeros(8))
+    rms = torch.nn.RMSNorm(8).to(torch.bfloat16)
+    assert awq._fold_into_norm(rms, s) and torch.allclose(rms.weight.float(), 1 / s, rtol=1e-2)

@@ -15,10 +15,12 @@ layers, not of their parent module (attention or MLP).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from pipeline.algorithms.sequential import LayerInputs
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, fake_quantize, quantize
@@ -88,19 +90,37 @@ def search_clip(
     return torch.maximum(torch.minimum(wg, limit_hi), limit_lo).reshape(rows, cols)
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The weight as float (out, in): GPT-2's Conv1D stores it as (in, out)."""
+    w = layer.weight.detach().float()
+    return w.t() if isinstance(layer, Conv1D) else w
+
+
+def _store_weight(layer: nn.Module, w: torch.Tensor) -> None:
+    """Write a float (out, in) weight back in the layer's own layout and dtype."""
+    layer.weight.copy_((w.t() if isinstance(layer, Conv1D) else w).to(layer.weight.dtype))
+
+
+@torch.no_grad()
 def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
-    """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so."""
-    probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0), dtype=norm.weight.dtype)
-    before = norm(probe).float()
-    saved = [p.detach().clone() for p in norm.parameters()]
+    """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so.
+
+    Whether the norm scales so is a property of its formula, checked on a float32 copy: in the
+    model's own dtype (bf16) the rounding of weight / s alone exceeds any tolerance that still
+    tells y = x_hat * w from, e.g., y = x_hat * (1 + w).
+    """
+    probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0))
+    trial = copy.deepcopy(norm).float()
+    before = trial(probe)
+    trial.weight.div_(s)
+    if getattr(trial, "bias", None) is not None:
+        trial.bias.div_(s)
+    if not torch.allclose(trial(probe) * s, before, rtol=1e-4, atol=1e-6):
+        return False  # e.g. a (1 + weight) norm: keep s explicit
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
-    if torch.allclose(norm(probe).float() * s, before, rtol=1e-3, atol=1e-5):
-        return True
-    for p, old in zip(norm.parameters(), saved, strict=True):  # e.g. a (1 + weight) norm: keep s explicit
-        p.copy_(old)
-    return False
+    return True
 
 
 @torch.no_grad()
@@ -127,7 +147,7 @@ def apply_awq(
         shared = inputs[members[0]]  # members read the same tensor
         gram = shared.hessian.hessian.float()  # 2/n X^T X: the scale does not move the argmin
         layers = [modules[m.removeprefix(block_name + ".")] for m in members]
-        weights = [layer.weight.float() for layer in layers]
+        weights = [_weight(layer) for layer in layers]
         blocks = [block_size_for(w.shape, granularity, group_size) for w in weights]
         s, _ = search_scale(gram, shared.channel_abs_mean, weights, spec, blocks, int(options["grid"]))
         folded = not producer.startswith("#") and _fold_into_norm(modules[producer], s)
@@ -138,6 +158,6 @@ def apply_awq(
             if options["clip"]:
                 gram_scaled = gram / s[:, None] / s[None, :]  # the Gram matrix of x / s
                 scaled = search_clip(gram_scaled, scaled, spec, b, int(options["grid"]), float(options["max_shrink"]))
-            layer.weight.copy_(scaled.to(layer.weight.dtype))
+            _store_weight(layer, scaled)
             result[member] = (s, folded)
     return result
