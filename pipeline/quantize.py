@@ -225,6 +225,31 @@ def check_algorithm(method: Mapping) -> None:
         raise ValueError(f"method.algorithm={name} needs its options under method.{name}")
 
 
+def describe_algorithm(method: Mapping) -> str:
+    """What really picks the weights, step by step, e.g. ``awq_scales+clip+gptq(act_order)``.
+
+    ``method.algorithm`` names only the code-choosing step; AWQ's scales and QAT's training run
+    before it whenever their options are set, and a QAT-trained layer is rounded on its learned grid.
+    """
+    name = method["algorithm"]
+    if name == "none":
+        return "none"
+    steps = []
+    if method.get("train"):
+        train = method["train"]
+        steps.append(f"qat({'lsq' if train['learnable_scale'] else 'minmax'},{train['loss']})")
+        name = "rtn"  # FakeQuantLinear layers are packed by rounding on their trained grid
+    if method.get("awq"):
+        steps.append("awq_scales+clip" if method["awq"]["clip"] else "awq_scales")
+    if name == "gptq":
+        steps.append("gptq(act_order)" if method["gptq"]["act_order"] else "gptq")
+    elif name == "lowrank":
+        steps.append(f"lowrank(rank={method['lowrank']['rank']})+rtn")  # RTN of the residual W - A·B
+    else:
+        steps.append(name)
+    return "+".join(steps)
+
+
 def is_sequential(method: Mapping) -> bool:
     """GPTQ and AWQ calibrate block by block on the partly quantized model."""
     return ALGORITHMS[method["algorithm"]][1] or bool(method.get("awq"))

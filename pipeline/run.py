@@ -63,7 +63,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     tags = {
         "method": method["name"],
         "family": method["family"],
-        "algorithm": method["algorithm"],
+        "algorithm": quantize.describe_algorithm(method),  # what ran; method.algorithm stays a param
         "bits": str(method["bits"]),
         "granularity": str(method["granularity"]),
         "model": cfg.model.name,

@@ -190,3 +190,32 @@ def test_aggregate_repeats():
 
     out = aggregate_repeats([{"ppl": 10.0, "kl": 1.0, "run_id": "a"}, {"ppl": 14.0, "run_id": "b"}])
     assert out == {"ppl_mean": 12.0, "ppl_std": pytest.approx(2.8284271)}
+
+
+@pytest.mark.parametrize(
+    "name,overrides,described",
+    [
+        ("activation_aware", [], "awq_scales+clip+rtn"),
+        ("activation_aware", ["method.awq.clip=false"], "awq_scales+rtn"),
+        ("w2_group", [], "awq_scales+clip+gptq(act_order)"),
+        ("gptq", [], "gptq"),
+        ("qat", [], "qat(lsq,kd)+rtn"),
+        ("qat", ["method.train.learnable_scale=false", "method.train.loss=ce"], "qat(minmax,ce)+rtn"),
+        ("lowrank_w4", [], "lowrank(rank=16)+rtn"),
+        ("w2_group", ["method.algorithm=hqq", "method.awq=null"], "hqq"),
+        ("group_wise", [], "rtn"),
+        ("fp", [], "none"),
+    ],
+)
+def test_algorithm_description_names_every_step_that_runs(name, overrides, described):
+    assert quantize.describe_algorithm(method_cfg(name, *overrides)) == described
+
+
+def test_run_tags_name_what_ran_and_keep_the_configured_algorithm(tmp_path):
+    from conftest import compose_cfg
+
+    from pipeline import run
+
+    cfg = compose_cfg("method=activation_aware", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    _, _, tags, _ = run.prepare(cfg, ["method=activation_aware"])
+    assert tags["algorithm"] == "awq_scales+clip+rtn" and cfg.method.algorithm == "rtn"
