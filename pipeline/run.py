@@ -192,6 +192,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
             "quantize_s": time.perf_counter() - start,
             "dequant_layers": float(sum(r.kernel == "dequant" for r in records)),
             **profile.memory_metrics(model, n_params, ref_bytes),
+            **quantize.coverage_metrics(model),  # the share of the decoder that bits_per_weight covers
         }
     )
     if probe is not None:

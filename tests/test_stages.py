@@ -37,9 +37,12 @@ def test_no_two_presets_are_the_same_config():
 def test_default_selection_is_every_decoder_linear_and_keeps_lm_head(llama):
     selected, kept = quantize.select_layers(llama, layers_cfg())
     assert len(selected) == 2 * 7  # q k v o gate up down per block
-    assert kept == {"lm_head": "lm_head kept (layers.quantize_lm_head=false)"}
+    assert kept == {"model.embed_tokens.weight": "embedding", "lm_head": "lm_head kept (layers.quantize_lm_head=false)"}
     selected, kept = quantize.select_layers(llama, layers_cfg("layers.exclude=[.*mlp.*]"))
-    assert len(selected) == 2 * 4 and all("mlp" in k for k in kept if k != "lm_head")
+    assert len(selected) == 2 * 4
+    assert {k for k, reason in kept.items() if reason == "matched by layers.exclude"} == {
+        f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 def test_selection_that_matches_nothing_says_what_layers_exist(llama):

@@ -37,13 +37,30 @@ class LayerInputs:
         return self.abs_sum / max(self.rows, 1)
 
 
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of decoder blocks: the longest ModuleList of identical-type modules."""
-    best = None
+def text_decoder(model: nn.Module) -> tuple[str, nn.Module]:
+    """The text decoder and its path in ``model``: a causal LM's base model, a VLM's language model.
+
+    transformers' ``get_decoder`` knows both layouts (``model.model``, ``model.model.language_model``);
+    a module without it is its own decoder.
+    """
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
     for name, module in model.named_modules():
+        if module is decoder:
+            return name, module
+    raise ValueError(f"{type(model).__name__}.get_decoder() returned a module that is not part of the model")
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The text decoder's list of blocks: its longest ModuleList of identical-type modules.
+
+    Searched inside the text decoder only: a VLM's vision tower may have more blocks than it.
+    """
+    decoder_name, decoder = text_decoder(model)
+    best = None
+    for name, module in decoder.named_modules():
         uniform = isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
         if uniform and (best is None or len(module) > len(best[1])):
-            best = (name, module)
+            best = (f"{decoder_name}.{name}" if decoder_name else name, module)
     if best is None:
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no ModuleList of blocks)")
     return best
