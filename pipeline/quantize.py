@@ -216,10 +216,10 @@ def select_layers(
         elif not isinstance(module, LINEAR_TYPES):
             why = _not_linear_reason(matrix)
             kept[name] = f"{KNOWING_EXCLUSION} ({why})" if excluded else why
+        elif excluded:  # before include: an explicit exclusion is the knowing reason
+            kept[name] = KNOWING_EXCLUSION
         elif module is not lm_head and not any(p.fullmatch(name) for p in include):
             kept[name] = "not matched by layers.include"
-        elif excluded:
-            kept[name] = KNOWING_EXCLUSION
         else:
             selected[name] = module
     if not selected:
