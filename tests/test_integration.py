@@ -74,7 +74,7 @@ def test_smoke_run_logs_the_contract(store):
     samples = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/generations.json")
     assert len(samples) == 4 and {"prompt", "reference", "output", "first_divergence"} <= set(samples[0])
     layers = mlflow.MlflowClient().load_table(run.info.experiment_id, "layers.json", run_ids=[run.info.run_id])
-    assert (layers["quantized"].sum(), len(layers)) == (210, 211)  # lm_head kept
+    assert (layers["quantized"].sum(), len(layers)) == (210, 212)  # lm_head and the embedding kept
 
 
 def test_failed_run_is_marked_failed_and_keeps_what_it_logged(store):
