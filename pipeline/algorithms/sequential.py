@@ -60,7 +60,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in decoder.named_modules():
         uniform = isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
         if uniform and (best is None or len(module) > len(best[1])):
-            best = (f"{decoder_name}.{name}" if decoder_name else name, module)
+            best = (".".join(part for part in (decoder_name, name) if part), module)
     if best is None:
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no ModuleList of blocks)")
     return best
