@@ -304,10 +304,18 @@ def _short(key: str, value) -> str:
     return str(value)[:12] if key == "git.commit" else str(value)
 
 
+def _counts(values: pd.Series) -> list[tuple[str, int]]:
+    """(value, runs) of the logged values, most runs first; a tie goes to the value of the newest run."""
+    logged = values.dropna()
+    counts = logged.value_counts()
+    first_seen = {value: i for i, value in reversed(list(enumerate(logged)))}  # runs are newest first
+    return sorted(counts.items(), key=lambda item: (-item[1], first_seen[item[0]]))
+
+
 def _value_counts(values: pd.Series, labels: pd.Series, key: str = "") -> str:
     """'a (12 runs), b (2: gptq, qat)': the majority value first, the runs of the others named."""
     parts = []
-    for i, (value, count) in enumerate(values.dropna().value_counts().items()):
+    for i, (value, count) in enumerate(_counts(values)):
         if i == 0:
             parts.append(f"{_short(key, value)} ({count} runs)")
         else:
@@ -347,7 +355,7 @@ def _provenance_marks(runs: pd.DataFrame) -> pd.Series:
     refuse, flag = _provenance_keys(runs)
     marks = pd.Series([[] for _ in range(len(runs))], index=runs.index)
     for key, values in _differences(runs, [*refuse, *flag]).items():
-        majority = values.dropna().value_counts().index[0]
+        majority = _counts(values)[0][0]
         for i in values.index[values.notna() & (values != majority)]:
             marks[i] = [*marks[i], key]
     return marks.map(lambda keys: f"≠ {', '.join(keys)}" if keys else "")
