@@ -341,11 +341,14 @@ def provenance_block(runs: pd.DataFrame) -> str:
         lines.append(f"**Not comparable: {key} differs** (report.allow_mixed=true): {_value_counts(values, labels)}")
     for key, values in _differences(runs, flag).items():
         lines.append(f"**{key} differs** (rows marked ≠ in notes): {_value_counts(values, labels, key)}")
+    unlogged = {}  # run label -> the keys other runs logged and it did not (older code, a parent run)
     for key in [*refuse, *flag]:
         values = _col(runs, f"params.{key}")
-        if values.notna().any() and values.isna().any():
-            names = list(labels[values.isna()])
-            lines.append(f"{key} not logged by: {', '.join(names[:6])}{', …' if len(names) > 6 else ''}")
+        if values.notna().any():
+            for label in labels[values.isna()]:
+                unlogged.setdefault(label, []).append(key)
+    if unlogged:
+        lines.append("Not logged by: " + "; ".join(f"{label} ({', '.join(keys)})" for label, keys in unlogged.items()))
     head = f"Provenance ({len(runs)} runs): " + (" · ".join(shared) if shared else "no provenance logged")
     return "\n\n".join([head, *lines]) + "\n"
 

@@ -217,7 +217,8 @@ def test_method_table_rows_and_missing_cells(store):
     assert _row(text, "| group_wise |")["speed-up [95% CI]"] == "2.10x"  # an older run: no interval logged
     published = _row(text, "| group_wise †")
     assert published["notes"].startswith("† published grid") and published["≈ Δppl (same bits)"] == "-"
-    assert "**git.commit differs** (rows marked ≠ in notes): " + "a" * 12 + " (7 runs), " + "b" * 12 in text
+    assert "**git.commit differs** (rows marked ≠ in notes): " + "a" * 12 + " (6 runs), " + "b" * 12 in text
+    assert "Not logged by: ptq_static (model.name, eval.context, git.commit," in text  # a parent run logs less
     assert "Provenance (8 runs): model.name tiny" in text and report.PUBLISHED_NOTE in text
 
 
