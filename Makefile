@@ -22,11 +22,13 @@ setup: $(STAMP)
 
 run: setup
 	$(PY) -m pipeline --multirun experiment=compare
-	$(PY) -m pipeline.report --experiment compare
+	$(PY) -m pipeline.report experiment=compare
 
-# Tables and plots of one experiment from MLflow: make report EXPERIMENT=algorithms
+# Tables and plots of one MLflow experiment: make report EXPERIMENT=algorithms (or tune, tuned: names
+# without a config; each config's tracking.experiment is its own name). Same as
+# python -m pipeline.report report.experiment=<name> [tracking.uri=... report.out=... tune.storage=...]
 report: setup
-	$(PY) -m pipeline.report --experiment $(EXPERIMENT)
+	$(PY) -m pipeline.report report.experiment=$(EXPERIMENT)
 
 smoke: setup
 	$(PY) -m pipeline experiment=smoke
