@@ -283,7 +283,9 @@ def _quantize_layer(
     act_scale = act_zero = None
     if act is not None and act.mode == "static":
         options = method["activations"]
-        act_scale, act_zero = activation_qparams(act_stats, act.spec, options["observer"], options.get("percentile", 99.99))
+        act_scale, act_zero = activation_qparams(
+            act_stats, act.spec, options["observer"], options.get("percentile", 99.99)
+        )
     qlayer = QuantLinear(
         result.codes,
         result.scale,

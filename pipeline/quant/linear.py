@@ -195,4 +195,7 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, grid={self.grid}, block={self.block_size}, kernel={self.kernel}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, grid={self.grid}, "
+            f"block={self.block_size}, kernel={self.kernel}"
+        )
