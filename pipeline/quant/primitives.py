@@ -135,8 +135,9 @@ def qparams_from_range(
     """Scale (and zero point) that map the range ``[min_val, max_val]`` (elementwise) onto the grid.
 
     Symmetric: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, as torchao does: amax / 7.5 for
-    the full int4 range [-8, 7] (the most positive value rounds to 7.5 and is clipped to 7, half a
-    step), amax / 7 for the restricted one.
+    the full int4 range [-8, 7], amax / 7 for the restricted one. At the full range the extremes
+    land on ±7.5: -amax takes code -8 (a rounding tie, to even), +amax is clipped to 7 (half a
+    step, the same bound as rounding); the gain is the finer step.
     """
     lo, hi = min_val.float(), max_val.float()
     # A constant block has zero range: clamp to a scale the storage dtype can represent (an eps of
