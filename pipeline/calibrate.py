@@ -1,12 +1,15 @@
 """Calibrate stage: run calibration text through the model and record each layer's inputs.
 
-For every selected layer we keep the exact max |x| and a seeded uniform subsample of input
-values, from which the observers below derive a static activation range (activation-aware
-methods record their own statistics block by block, in pipeline/algorithms/sequential.py):
+For every selected layer we keep the exact min and max of its inputs and a seeded uniform
+subsample of input values, from which the observers below derive a static activation range
+(min, max) (activation-aware methods record their own statistics block by block, in
+pipeline/algorithms/sequential.py). For a symmetric spec the range is symmetric about 0:
 
-- minmax:     the exact max |x|.
-- percentile: the given percentile of |x| (clips rare outliers).
-- mse:        the clipping value, among a grid up to max |x|, that minimizes the quantization MSE.
+- minmax:     the exact (min, max); symmetric: (-max |x|, max |x|).
+- percentile: the (100 - p, p) percentiles of x (clips rare outliers); symmetric: ± the p-th of |x|.
+- mse:        the range (min, max) * f, f on a grid in [0.3, 1], whose round trip of the sampled
+              values has the least squared error (the same f shrinks both ends, as llm-compressor's
+              MSE observer does).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from pipeline.quant.primitives import QuantSpec, dequantize, qparams_from_range, quantize
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +30,19 @@ SAMPLES_PER_BATCH = 4096
 
 @dataclass
 class ActivationStats:
-    absmax: float = 0.0
+    # Running extremes of the inputs; both start at 0, which every integer-zero grid keeps anyway.
+    min_val: float = 0.0
+    max_val: float = 0.0
     samples: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def absmax(self) -> float:
+        return max(-self.min_val, self.max_val)
 
     def update(self, x: torch.Tensor, generator: torch.Generator) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
-        self.absmax = max(self.absmax, float(x.abs().max()))
+        self.min_val = min(self.min_val, float(x.min()))
+        self.max_val = max(self.max_val, float(x.max()))
         flat = x.reshape(-1)
         idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
         self.samples.append(flat[idx])
@@ -59,25 +69,44 @@ def collect_activation_stats(
     return stats
 
 
-def observe_range(stats: ActivationStats, spec: QuantSpec, observer: str, percentile: float = 99.99) -> float:
-    """The clipping value (max |x| to represent) that ``observer`` picks for a symmetric range."""
+def observe_range(
+    stats: ActivationStats, spec: QuantSpec, observer: str, percentile: float = 99.99
+) -> tuple[float, float]:
+    """The range (min, max) that ``observer`` picks for ``spec`` (symmetric about 0 for a symmetric spec)."""
     if observer not in OBSERVERS:
         raise ValueError(f"unknown observer {observer!r}; allowed: {', '.join(OBSERVERS)}")
     if observer == "minmax":
-        return stats.absmax
-    values = torch.cat(stats.samples).abs()
+        return (-stats.absmax, stats.absmax) if spec.symmetric else (stats.min_val, stats.max_val)
+    values = torch.cat(stats.samples)
     if observer == "percentile":
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-        k = max(1, round(values.numel() * percentile / 100))
-        return float(values.kthvalue(k).values)
-    # mse: the clip that minimizes the round-trip error of the sampled values.
-    x = torch.cat(stats.samples).reshape(1, -1)
-    best, best_err = stats.absmax, float("inf")
+        if spec.symmetric:
+            clip = _kth_smallest(values.abs(), percentile)
+            return -clip, clip
+        return _kth_smallest(values, 100 - percentile), _kth_smallest(values, percentile)
+    # mse: the shrink factor whose range minimizes the round-trip error of the sampled values.
+    x = values.reshape(1, -1)
+    lo, hi = (-stats.absmax, stats.absmax) if spec.symmetric else (stats.min_val, stats.max_val)
+    best, best_err = (lo, hi), float("inf")
     for fraction in torch.linspace(0.3, 1.0, 36).tolist():
-        clip = torch.tensor([[stats.absmax * fraction]])
-        scale, zero = choose_qparams(x, spec, x.shape, min_val=-clip, max_val=clip)
+        scale, zero = qparams_from_range(torch.tensor([[lo * fraction]]), torch.tensor([[hi * fraction]]), spec)
         err = float((dequantize(quantize(x, scale, zero, spec, x.shape), scale, zero, x.shape) - x).pow(2).mean())
         if err < best_err:
-            best, best_err = float(clip), err
+            best, best_err = (lo * fraction, hi * fraction), err
     return best
+
+
+def _kth_smallest(values: torch.Tensor, percentile: float) -> float:
+    """The ``percentile``-th percentile of ``values`` (nearest rank, at least the smallest value)."""
+    k = max(1, round(values.numel() * percentile / 100))
+    return float(values.kthvalue(k).values)
+
+
+def activation_qparams(
+    stats: ActivationStats, spec: QuantSpec, observer: str, percentile: float = 99.99
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static per-tensor (scale, zero point) of shape (1, 1) from the observed range; zero is None
+    for a symmetric spec."""
+    lo, hi = observe_range(stats, spec, observer, percentile)
+    return qparams_from_range(torch.tensor([[lo]]), torch.tensor([[hi]]), spec)

@@ -22,7 +22,7 @@ from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
 from pipeline.algorithms.sequential import LayerInputs, run_blocks, text_decoder
-from pipeline.calibrate import ActivationStats, observe_range
+from pipeline.calibrate import ActivationStats, activation_qparams
 from pipeline.profile import torch_threads
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
@@ -45,6 +45,7 @@ class LayerRecord:
     bits: int | None = None
     granularity: str | None = None
     block_size: str | None = None
+    grid: str | None = None  # the integer range that ran, e.g. "int4 sym [-8,7]" (QuantLinear.grid)
     rel_error: float | None = None
     kernel: str | None = None
     kernel_note: str = ""
@@ -66,6 +67,7 @@ def weight_spec(method: Mapping) -> QuantSpec:
         symmetric=bool(method["symmetric"]),
         zero_point_domain=method["zero_point_domain"],
         scale_dtype=SCALE_DTYPES[method["scale_dtype"]],
+        symmetric_range=method.get("symmetric_range"),
     )
 
 
@@ -73,7 +75,12 @@ def activation_quant(method: Mapping) -> ActivationQuant | None:
     act = method.get("activations")
     if not act:
         return None
-    spec = QuantSpec(bits=act["bits"], symmetric=bool(act["symmetric"]), scale_dtype=torch.float32)
+    spec = QuantSpec(
+        bits=act["bits"],
+        symmetric=bool(act["symmetric"]),
+        scale_dtype=torch.float32,
+        symmetric_range=method.get("symmetric_range"),
+    )
     return ActivationQuant(spec=spec, mode=act["mode"])
 
 
@@ -435,11 +442,12 @@ def _quantize_layer(
         block = block_size_for(weight.shape, method["granularity"], method["group_size"])
         function, _ = ALGORITHMS[method["algorithm"]]
         result = function(weight, spec, block, inputs, method.get(method["algorithm"]) or {})
-    act_scale = None
+    act_scale = act_zero = None
     if act is not None and act.mode == "static":
         options = method["activations"]
-        clip = observe_range(act_stats, act.spec, options["observer"], options.get("percentile", 99.99))
-        act_scale = torch.tensor(max(clip, 1e-8) / act.spec.qmax)
+        act_scale, act_zero = activation_qparams(
+            act_stats, act.spec, options["observer"], options.get("percentile", 99.99)
+        )
     qlayer = QuantLinear(
         result.codes,
         result.scale,
@@ -452,6 +460,7 @@ def _quantize_layer(
         kernels,
         lowrank=result.lowrank,
         input_scale=input_scale,
+        activation_zero_point=act_zero,
     )
     reference = weight if reference is None else reference
     error = (qlayer.effective_weight() - reference).norm() / reference.norm().clamp_min(1e-12)
@@ -464,6 +473,7 @@ def _quantize_layer(
         bits=spec.bits,
         granularity=method["granularity"],
         block_size=str(block),
+        grid=qlayer.grid,
         rel_error=float(error),
         kernel=qlayer.kernel,
         kernel_note=qlayer.kernel_note,

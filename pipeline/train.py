@@ -22,14 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, expand_blocks, quantize
+from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, fake_quantize_ste, quantize
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "kd")
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (x.round() - x).detach()
 
 
 class FakeQuantLinear(nn.Module):
@@ -61,10 +57,7 @@ class FakeQuantLinear(nn.Module):
 
     def fake_weight(self) -> torch.Tensor:
         scale, zero = self.qparams()
-        s = expand_blocks(scale, self.block_size)
-        z = 0 if zero is None else expand_blocks(zero, self.block_size)
-        q = torch.clamp(_round_ste(self.weight / s + z), self.spec.qmin, self.spec.qmax)
-        return (q - z) * s
+        return fake_quantize_ste(self.weight, scale, zero, self.spec, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

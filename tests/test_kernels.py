@@ -20,27 +20,53 @@ CASES = [  # bits, symmetric, granularity, group, expected kernel
 ]
 
 
-def _layer(bits, symmetric, granularity, group, kernels="auto", activation=None, act_scale=None):
+def _layer(bits, symmetric, granularity, group, kernels="auto", activation=None, act_scale=None, sym_range="full"):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(OUT, IN, generator=gen)
     bias = torch.randn(OUT, generator=gen)
-    spec = QuantSpec(bits, symmetric)
+    spec = QuantSpec(bits, symmetric, symmetric_range=sym_range)
     block = block_size_for(w.shape, granularity, group)
     return QuantLinear.from_float(
         w, spec, block, bias, activation=activation, activation_scale=act_scale, kernel_preference=kernels
     )
 
 
+@pytest.mark.parametrize("sym_range", ["full", "restricted"])
 @pytest.mark.parametrize("bits,symmetric,granularity,group,kernel", CASES)
-def test_each_kernel_matches_the_dequantized_reference(bits, symmetric, granularity, group, kernel):
-    layer = _layer(bits, symmetric, granularity, group)
+def test_each_kernel_matches_the_dequantized_reference(bits, symmetric, granularity, group, kernel, sym_range):
+    if not symmetric and sym_range == "restricted":
+        pytest.skip("the symmetric range does not apply to asymmetric grids")
+    layer = _layer(bits, symmetric, granularity, group, sym_range=sym_range)
     assert layer.kernel == kernel
+    codes = layer.codes()
+    assert int(codes.min()) >= layer.spec.qmin and int(codes.max()) <= layer.spec.qmax
     x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
     expected = x @ layer.dequantized_weight().T + layer.bias
     got = layer(x)
     # bf16 activations in the aten kernels: relative error ~ 2**-8
     tolerance = 1e-5 if kernel == "dequant" else 2e-2
     assert (got - expected).norm() / expected.norm() < tolerance
+
+
+@pytest.mark.parametrize(
+    "bits,granularity,group,kernel",
+    [(8, "per_channel", None, "aten_int8_weight_only"), (4, "group", 64, "aten_int4_groupwise")],
+)
+@pytest.mark.parametrize("sym_range", ["full", "restricted"])
+def test_kernels_are_exact_on_every_code_of_the_symmetric_range(bits, granularity, group, kernel, sym_range):
+    # Random codes over the whole range, the most negative one (-128 / -8 for the full range) included.
+    spec = QuantSpec(bits, True, symmetric_range=sym_range)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (OUT, IN), generator=gen, dtype=torch.int32)
+    codes[0, 0] = spec.qmin
+    block = block_size_for((OUT, IN), granularity, group)
+    scale = (torch.rand(OUT // block[0], IN // block[1], generator=gen) * 0.02 + 0.01).to(torch.float16)
+    fast = QuantLinear(codes, scale, None, spec, block)
+    slow = QuantLinear(codes, scale, None, spec, block, kernel_preference="dequant")
+    assert fast.kernel == kernel and torch.equal(fast.codes(), codes)
+    x = torch.randn(5, IN, generator=gen)
+    expected = slow(x)
+    assert (fast(x) - expected).norm() / expected.norm() < 2e-2  # bf16 activations in the aten kernels
 
 
 def test_dequant_preference_forces_the_fallback_and_agrees_with_the_kernel():

@@ -10,6 +10,7 @@ from pipeline.quant.primitives import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_ste,
     quantize,
 )
 
@@ -21,13 +22,13 @@ def _weight(rows=48, cols=128, seed=0):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric,symmetric_range", [(True, "full"), (True, "restricted"), (False, "full")])
 @pytest.mark.parametrize("granularity,group", GRANULARITIES)
-def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, granularity, group):
-    if symmetric and bits == 2:
-        pytest.skip("2-bit symmetric is refused")
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, symmetric_range, granularity, group):
+    if symmetric and bits == 2 and symmetric_range == "restricted":
+        pytest.skip("2-bit symmetric restricted is refused")
     w = _weight()
-    spec = QuantSpec(bits, symmetric, scale_dtype=torch.float32)
+    spec = QuantSpec(bits, symmetric, scale_dtype=torch.float32, symmetric_range=symmetric_range)
     block = block_size_for(w.shape, granularity, group)
     scale, zero = choose_qparams(w, spec, block)
     q = quantize(w, scale, zero, spec, block)
@@ -51,13 +52,79 @@ def test_each_granularity_gives_one_scale_per_block(granularity, group, shape):
     assert scale.shape == shape and zero.shape == shape
 
 
-def test_symmetric_is_odd_and_keeps_zero():
+def test_restricted_symmetric_is_odd_and_keeps_zero():
     w = _weight()
     w[0, :5] = 0.0
-    spec = QuantSpec(4, True)
+    spec = QuantSpec(4, True, symmetric_range="restricted")
     block = (1, 32)
     assert torch.equal(fake_quantize(-w, spec, block), -fake_quantize(w, spec, block))
     assert torch.all(fake_quantize(w, spec, block)[0, :5] == 0)
+
+
+@pytest.mark.parametrize(
+    "bits,symmetric_range,qmin,qmax,divisor",
+    [
+        (4, "full", -8, 7, 7.5),
+        (4, "restricted", -7, 7, 7.0),
+        (8, "full", -128, 127, 127.5),
+        (8, "restricted", -127, 127, 127.0),
+        (2, "full", -2, 1, 1.5),
+    ],
+)
+def test_symmetric_range_and_scale_follow_torchao(bits, symmetric_range, qmin, qmax, divisor):
+    # torchao choose_qparams_affine (symmetric): scale = amax / ((quant_max - quant_min) / 2)
+    w = _weight()
+    w[0, 0] = -5.0  # the block's amax is on the negative side: it uses the lowest code
+    spec = QuantSpec(bits, True, scale_dtype=torch.float32, symmetric_range=symmetric_range)
+    assert (spec.qmin, spec.qmax) == (qmin, qmax)
+    assert spec.describe() == f"int{bits} sym [{qmin},{qmax}]"
+    scale, zero = choose_qparams(w, spec, (1, 128))
+    assert zero is None
+    assert scale[0, 0].item() == pytest.approx(5.0 / divisor)
+    q = quantize(w, scale, zero, spec, (1, 128))
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    # the extremes clip to the range's own ends: qmin is a code of the full range, not of the restricted one
+    far = torch.tensor([[-1e6, 1e6]])
+    assert quantize(far, scale[:1], None, spec, (1, 2)).tolist() == [[qmin, qmax]]
+
+
+def test_full_symmetric_int4_uses_16_levels_and_keeps_zero():
+    w = _weight()
+    w[0, :5] = 0.0
+    spec, block = QuantSpec(4, True), (1, 32)  # full is the default
+    scale, zero = choose_qparams(w, spec, block)
+    q = quantize(w, scale, zero, spec, block)
+    assert torch.unique(q).tolist() == list(range(-8, 8))
+    assert torch.all(dequantize(q, scale, zero, block)[0, :5] == 0)
+    # at the same scale the full grid has one more level than the restricted one: less error
+    restricted = QuantSpec(4, True, symmetric_range="restricted")
+    err_full = (fake_quantize(w, spec, block) - w).pow(2).mean()
+    err_restricted = (fake_quantize(w, restricted, block) - w).pow(2).mean()
+    assert err_full < err_restricted
+
+
+def test_asymmetric_and_float_zero_labels():
+    assert QuantSpec(4, False).describe() == "int4 asym [0,15] int-zero"
+    assert QuantSpec(3, False, "float").describe() == "int3 asym [0,7] float-zero"
+
+
+def test_unknown_symmetric_range_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="symmetric_range must be one of full, restricted, got 'half'"):
+        QuantSpec(4, True, symmetric_range="half")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, True), QuantSpec(4, False), QuantSpec(3, False, "float")])
+def test_straight_through_round_trip_matches_fake_quantize_and_passes_gradients(spec):
+    w = _weight().requires_grad_(True)
+    scale, zero = choose_qparams(w.detach(), spec, (1, 32))
+    scale = scale.float().requires_grad_(True)
+    zero = None if zero is None else zero.float()
+    out = fake_quantize_ste(w, scale, zero, spec, (1, 32))
+    assert torch.equal(out.detach(), fake_quantize(w.detach(), spec, (1, 32)).float())
+    out.sum().backward()
+    inside = (w.grad != 0).float().mean()  # STE: identity inside the grid, zero where clipped
+    assert inside > 0.9 and torch.all((w.grad == 0) | (w.grad == 1))
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
 
 
 def test_asymmetric_uses_the_whole_range_of_a_shifted_tensor():
@@ -97,9 +164,10 @@ def test_bits_outside_2_to_8_are_refused(bits):
         QuantSpec(bits, False)
 
 
-def test_two_bit_symmetric_is_refused_with_the_alternative():
-    with pytest.raises(ValueError, match="symmetric=false"):
-        QuantSpec(2, True)
+def test_two_bit_restricted_symmetric_is_refused_with_the_alternatives():
+    with pytest.raises(ValueError, match="symmetric_range=full .* or symmetric=false"):
+        QuantSpec(2, True, symmetric_range="restricted")
+    assert (QuantSpec(2, True).qmin, QuantSpec(2, True).qmax) == (-2, 1)  # full: 4 levels, allowed
 
 
 def test_block_that_does_not_tile_is_refused():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize, to_blocks
+from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, expand_blocks, quantize, to_blocks
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -70,21 +70,22 @@ def hqq_quantize(
         )
     if not 0.0 < lp_norm <= 1.0:
         raise ValueError(f"lp_norm must be in (0, 1] (the shrink operator is the prox of |x|^p, p <= 1), got {lp_norm}")
-    scale, zero = choose_qparams(weight, spec, block_size)
-    w = to_blocks(weight.float(), block_size)  # (row blocks, col blocks, elements per block)
-    s = scale.float().unsqueeze(-1)
+    w = weight.float()
+    scale, zero = choose_qparams(w, spec, block_size)
+    s = expand_blocks(scale.float(), block_size)
 
     def evaluate(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         # z is always the zero point as stored (rounded to scale_dtype): what dequantize will see.
-        q = (w / s + z.float().unsqueeze(-1)).round().clamp(spec.qmin, spec.qmax)
-        w_r = (q - z.float().unsqueeze(-1)) * s
+        q = quantize(w, scale, z, spec, block_size)
+        w_r = dequantize(q, scale, z, block_size)
         return q, w_r, _lp(w - w_r, lp_norm)
 
     q, w_r, best_err = evaluate(zero)
     best_zero, trace = zero, [best_err]
     for _ in range(iters):
         w_e = _shrink_lp(w - w_r, beta, lp_norm)
-        zero = (q - (w - w_e) / s).mean(dim=-1).to(spec.scale_dtype)
+        # Mean over each block's elements (to_blocks' last dimension).
+        zero = to_blocks(q.float() - (w - w_e) / s, block_size).mean(dim=-1).to(spec.scale_dtype)
         beta *= kappa
         q, w_r, err = evaluate(zero)
         trace.append(err)
@@ -94,4 +95,4 @@ def hqq_quantize(
             break
     if history is not None:
         history.extend(trace)
-    return quantize(weight, scale, best_zero, spec, block_size), scale, best_zero
+    return quantize(w, scale, best_zero, spec, block_size), scale, best_zero

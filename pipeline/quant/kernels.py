@@ -3,7 +3,8 @@
 - ``aten_int8_weight_only``: ``aten._weight_int8pack_mm`` (int8 weights, per-row scales).
 - ``aten_int4_groupwise``: ``aten._weight_int4pack_mm_for_cpu`` (4-bit, groups of 32..256,
   out_features a multiple of 16; per-channel/per-tensor scales are replicated to a group size).
-- ``int8_int_mm``: ``torch._int_mm`` int8 x int8 -> int32 GEMM, for W8A8 (static or dynamic).
+- ``int8_int_mm``: ``torch._int_mm`` int8 x int8 -> int32 GEMM, for W8A8 (static or dynamic,
+  symmetric or asymmetric activations; see ``run``).
 
 The two aten weight-only kernels take bf16 activations: with fp32 inputs they run a slow path
 (measured: 10-40x slower), so inputs are cast to bf16 and the layer's ``kernel`` name says so.
@@ -42,8 +43,9 @@ def select(layer: QuantLinear) -> tuple[str, str]:
     """(kernel name, note) for the fastest real kernel that computes this layer exactly."""
     spec, act = layer.spec, layer.activation
     if act is not None:
-        if spec.bits == 8 and spec.symmetric and _per_row(layer) and act.spec.bits == 8 and act.spec.symmetric:
-            return "int8_int_mm", f"int8 x int8 GEMM, {act.mode} activation scales"
+        if spec.bits == 8 and spec.symmetric and _per_row(layer) and act.spec.bits == 8:
+            zero = "symmetric" if act.spec.symmetric else "asymmetric (zero point folded in integers)"
+            return "int8_int_mm", f"int8 x int8 GEMM, {act.mode} {zero} activations"
         return (
             "dequant",
             f"no W{spec.bits}A{act.spec.bits} kernel: dequantize + fp32 matmul, activations fake-quantized",
@@ -72,8 +74,13 @@ def prepare(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
         dtype = torch.bfloat16 if name == "aten_int8_weight_only" else torch.float32
         weight = codes.to(torch.int8)
         # _int_mm wants the (in, out) operand; keep it contiguous so each call does no copy.
-        weight = weight if name == "aten_int8_weight_only" else weight.t().contiguous()
-        return {"weight": weight, "row_scale": row_scale.to(dtype)}
+        if name == "aten_int8_weight_only":
+            return {"weight": weight, "row_scale": row_scale.to(dtype)}
+        state = {"weight": weight.t().contiguous(), "row_scale": row_scale.to(dtype)}
+        if not layer.activation.spec.symmetric:
+            # sum_k q_w[n, k]: the zero-point term of asymmetric activations, exact in int32.
+            state["weight_code_sums"] = codes.sum(dim=1, dtype=torch.int32)
+        return state
     if name == "aten_int4_groupwise":
         group = _int4_group(layer)
         n_groups = layer.in_features // group
@@ -104,7 +111,14 @@ def run(name: str, layer: QuantLinear, x: torch.Tensor, state: dict) -> torch.Te
             x.to(torch.bfloat16), state["packed"], state["group"], state["scales_and_zeros"]
         )
     if name == "int8_int_mm":
-        q, x_scale = layer.quantize_input(x.float())
-        acc = torch._int_mm(q.to(torch.int8), state["weight"])
-        return acc.float() * x_scale * state["row_scale"]
+        q, x_scale, x_zero, _block = layer.quantize_input(x.float())
+        if x_zero is None:
+            acc = torch._int_mm(q, state["weight"])
+        else:
+            # y = s_x s_w (q_x - z_x) . q_w = s_x s_w ((q_x - 128) . q_w - (z_x - 128) * sum_k q_w): uint8
+            # codes and zero points shifted into int8 for _int_mm; every term is an exact integer.
+            shifted = (q.to(torch.int16) - 128).to(torch.int8)
+            acc = torch._int_mm(shifted, state["weight"])
+            acc = acc - (x_zero.to(torch.int32) - 128) * state["weight_code_sums"]
+        return acc.float() * x_scale.float() * state["row_scale"]
     raise ValueError(f"unknown kernel {name!r}")

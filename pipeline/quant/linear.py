@@ -21,7 +21,8 @@ from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, qua
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """Activation quantization of a layer's input: static (calibrated scale) or dynamic per token."""
+    """Activation quantization of a layer's input: static per tensor (calibrated scale and zero
+    point) or dynamic per token (block (1, features), chosen at run time)."""
 
     spec: QuantSpec
     mode: str  # "static" | "dynamic"
@@ -29,6 +30,12 @@ class ActivationQuant:
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic"):
             raise ValueError(f"activation mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if self.spec.zero_point_domain != "int":
+            # The integer GEMM needs integer codes and zero points.
+            raise ValueError(f"activation zero points must be integers, got {self.spec.zero_point_domain!r}")
+
+    def describe(self) -> str:
+        return f"{self.spec.describe()} {'per-tensor static' if self.mode == 'static' else 'per-token dynamic'}"
 
 
 def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -49,10 +56,18 @@ class QuantLinear(nn.Module):
         kernel_preference: str = "auto",
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_scale: torch.Tensor | None = None,
+        activation_zero_point: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if activation is not None and activation.mode == "static" and activation_scale is None:
-            raise ValueError("static activation quantization needs a calibrated activation_scale")
+        if activation is not None and activation.mode == "static":
+            if activation_scale is None:
+                raise ValueError("static activation quantization needs a calibrated activation_scale")
+            if (activation_zero_point is None) != activation.spec.symmetric:
+                raise ValueError(
+                    "static activation quantization needs a calibrated activation_zero_point exactly when it is "
+                    f"asymmetric (symmetric={activation.spec.symmetric}, "
+                    f"zero point {'missing' if activation_zero_point is None else 'given'})"
+                )
         self.out_features, self.in_features = codes.shape
         self.spec, self.block_size, self.activation = spec, tuple(block_size), activation
         # Codes are stored unsigned: symmetric codes are offset by 2**(bits-1) before packing.
@@ -65,7 +80,11 @@ class QuantLinear(nn.Module):
             zero_point = pack(zero_point, spec.bits)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.register_buffer("activation_scale", activation_scale)
+        # Static activation qparams, one per tensor, shape (1, 1); the zero point (uint8) only when asymmetric.
+        self.register_buffer("activation_scale", None if activation_scale is None else activation_scale.reshape(1, 1))
+        self.register_buffer(
+            "activation_zero_point", None if activation_zero_point is None else activation_zero_point.reshape(1, 1)
+        )
         # Low-rank correction W ≈ dequant(codes) + A @ B (LoftQ-style), kept in 16 bits and counted.
         a, b = lowrank if lowrank is not None else (None, None)
         self.register_buffer("lowrank_a", a)
@@ -126,6 +145,7 @@ class QuantLinear(nn.Module):
             self.zero_point,
             self.bias,
             self.activation_scale,
+            self.activation_zero_point,
             self.lowrank_a,
             self.lowrank_b,
             self.input_scale,
@@ -136,15 +156,25 @@ class QuantLinear(nn.Module):
         return _tensor_bytes(*self._kernel_state.values())
 
     # -- compute -----------------------------------------------------------------------------
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Integer codes and per-row scales of a 2-D input (static: one calibrated scale)."""
+    @property
+    def grid(self) -> str:
+        """The weight grid (and the activation grid, if any) that this layer computes on."""
+        act = "" if self.activation is None else f"; act {self.activation.describe()}"
+        return self.spec.describe() + act
+
+    def quantize_input(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """(codes, scale, zero point, block size) of a 2-D input: int8 codes when symmetric, uint8
+        when asymmetric; one calibrated (scale, zero) per tensor (static) or one per row (dynamic)."""
         spec = self.activation.spec
         if self.activation.mode == "static":
-            scale = self.activation_scale.reshape(1, 1).expand(x.shape[0], 1)
+            block = tuple(x.shape)
+            scale, zero = self.activation_scale, self.activation_zero_point
         else:
-            scale, _ = choose_qparams(x, spec, (1, x.shape[1]))
-        q = (x / scale.float()).round().clamp(spec.qmin, spec.qmax)
-        return q, scale.float()
+            block = (1, x.shape[1])
+            scale, zero = choose_qparams(x, spec, block)
+        return quantize(x, scale, zero, spec, block), scale, zero, block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -153,8 +183,8 @@ class QuantLinear(nn.Module):
             x2d = x2d * self.input_scale.to(x.dtype)
         if self.kernel == "dequant":
             if self.activation is not None:
-                q, s = self.quantize_input(x2d.float())
-                x2d = (q * s).to(x.dtype)
+                q, scale, zero, block = self.quantize_input(x2d.float())
+                x2d = dequantize(q, scale, zero, block, x.dtype)
             y = F.linear(x2d, self.dequantized_weight(x.dtype), None)
         else:
             y = kernels.run(self.kernel, self, x2d, self._kernel_state)
@@ -165,8 +195,7 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        act = "" if self.activation is None else f", act={self.activation.mode}{self.activation.spec.bits}"
         return (
-            f"in={self.in_features}, out={self.out_features}, bits={self.spec.bits}, "
-            f"sym={self.spec.symmetric}, block={self.block_size}{act}, kernel={self.kernel}"
+            f"in={self.in_features}, out={self.out_features}, grid={self.grid}, "
+            f"block={self.block_size}, kernel={self.kernel}"
         )

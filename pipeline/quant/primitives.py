@@ -12,6 +12,11 @@ gets one scale (and one zero point when asymmetric).
 Affine map: ``x ≈ (q - zero_point) * scale``. Symmetric quantization has no zero point and a
 signed integer range; asymmetric has an integer (or, optionally, float) zero point and an
 unsigned range ``[0, 2**bits - 1]``.
+
+Symmetric range: ``full`` uses every signed code ``[-2**(b-1), 2**(b-1) - 1]`` (int4: [-8, 7], 16
+levels) with ``scale = max|x| / ((qmax - qmin) / 2)`` (amax / 7.5 at int4), the convention of
+torchao's ``choose_qparams_affine``, GPTQ's reference code and llm-compressor; ``restricted`` drops
+the most negative code, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int4: [-7, 7], 15 levels, amax / 7).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 MIN_BITS, MAX_BITS = 2, 8
 ZERO_POINT_DOMAINS = ("int", "float")
+SYMMETRIC_RANGES = ("full", "restricted")
 
 
 @dataclass(frozen=True)
@@ -32,27 +38,40 @@ class QuantSpec:
     symmetric: bool
     zero_point_domain: str = "int"  # "int": integer zero point; "float": float zero (Q4_1-style)
     scale_dtype: torch.dtype = torch.float16
+    symmetric_range: str = "full"  # symmetric only: "full" [-2^(b-1), 2^(b-1)-1]; "restricted" ±(2^(b-1)-1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
         if self.zero_point_domain not in ZERO_POINT_DOMAINS:
             raise ValueError(f"zero_point_domain must be one of {ZERO_POINT_DOMAINS}, got {self.zero_point_domain!r}")
-        if self.symmetric and self.bits == 2:
-            # A symmetric grid without a zero point at 2 bits is ternary {-1, 0, 1}: it wastes a
-            # level and is strictly worse than asymmetric 2-bit, so we refuse it.
+        if self.symmetric_range not in SYMMETRIC_RANGES:
             raise ValueError(
-                "2-bit symmetric quantization has only the levels {-1, 0, +1}; "
-                "use symmetric=false (asymmetric, 4 levels with a zero point) for 2 bits"
+                f"symmetric_range must be one of {', '.join(SYMMETRIC_RANGES)}, got {self.symmetric_range!r}"
+            )
+        if self.symmetric and self.bits == 2 and self.symmetric_range == "restricted":
+            # The full 2-bit range {-2, -1, 0, 1} has 4 levels like asymmetric 2-bit (a zero point
+            # fixed at the middle code); the restricted one is ternary and wastes a level.
+            raise ValueError(
+                "2-bit symmetric quantization with symmetric_range=restricted has only the levels {-1, 0, +1}; "
+                "use symmetric_range=full (levels {-2, -1, 0, +1}) or symmetric=false (4 levels with a zero point)"
             )
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) + 1 if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric_range == "restricted" else 0)
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        """The grid in a few words, e.g. ``int4 sym [-8,7]`` or ``int4 asym [0,15] int-zero``."""
+        kind = "sym" if self.symmetric else "asym"
+        zero = "" if self.symmetric else f" {self.zero_point_domain}-zero"
+        return f"int{self.bits} {kind} [{self.qmin},{self.qmax}]{zero}"
 
 
 def _check_block_size(shape: torch.Size, block_size: tuple[int, int]) -> None:
@@ -105,13 +124,27 @@ def choose_qparams(
     """
     _check_block_size(x.shape, block_size)
     blocks = to_blocks(x.float(), block_size)
-    lo = blocks.amin(dim=-1) if min_val is None else min_val.float()
-    hi = blocks.amax(dim=-1) if max_val is None else max_val.float()
+    lo = blocks.amin(dim=-1) if min_val is None else min_val
+    hi = blocks.amax(dim=-1) if max_val is None else max_val
+    return qparams_from_range(lo, hi, spec, eps=eps)
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec, *, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) that map the range ``[min_val, max_val]`` (elementwise) onto the grid.
+
+    Symmetric: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, as torchao does: amax / 7.5 for
+    the full int4 range [-8, 7], amax / 7 for the restricted one. At the full range the extremes
+    land on ±7.5: -amax takes code -8 (a rounding tie, to even), +amax is clipped to 7 (half a
+    step, the same bound as rounding); the gain is the finer step.
+    """
+    lo, hi = min_val.float(), max_val.float()
     # A constant block has zero range: clamp to a scale the storage dtype can represent (an eps of
     # 1e-8 would round to 0 in float16 and turn the block into NaNs).
     eps = max(eps, torch.finfo(spec.scale_dtype).tiny)
     if spec.symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / spec.qmax
+        scale = torch.maximum(lo.abs(), hi.abs()) / ((spec.qmax - spec.qmin) / 2)
         return scale.clamp_min(eps).to(spec.scale_dtype), None
     if spec.zero_point_domain == "int":
         # Keep 0.0 exactly representable (padding, ReLU zeros) as GPTQ and torchao do.
@@ -156,6 +189,30 @@ def dequantize(
     if z is not None:
         x4 = x4 - z
     return (x4 * s).reshape(q.shape).to(dtype)
+
+
+def fake_quantize_ste(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float32 that gradients flow through (quantization-aware training).
+
+    Rounding is a straight-through estimator (identity gradient), clipping a hard cut (zero
+    gradient outside the grid); ``scale`` gets its LSQ gradient through both uses. ``zero_point``
+    may be float (it is added as is).
+    """
+    _check_block_size(x.shape, block_size)
+    x4, (s, z) = _blockwise(x.float(), [scale, zero_point], block_size)
+    v = x4 / s
+    if z is not None:
+        v = v + z
+    q = (v + (v.round() - v).detach()).clamp(spec.qmin, spec.qmax)
+    if z is not None:
+        q = q - z
+    return (q * s).reshape(x.shape)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, int]) -> torch.Tensor:
