@@ -180,13 +180,15 @@ def acc_drop_interval(
 
     Each draw resamples every grouped task's documents (the same documents for the model and the
     reference), recomputes both ``acc_avg`` exactly as ``aggregate`` does (task scores, group means,
-    mean of groups) and the relative drop between them. ``acc_drop_significant`` is 1.0 when the
-    interval excludes 0. ``per_document``: task -> document id -> the task's score on it.
+    mean of groups) and their difference, relative to the reference's measured ``acc_avg`` (a
+    resampled denominator can be 0 at small ``limit``; the sign, so significance, is the same).
+    ``acc_drop_significant`` is 1.0 when the interval excludes 0. ``per_document``: task ->
+    document id -> the task's score on it.
     """
     generator = stats.seeded(seed)
-    group_draws, ref_group_draws = [], []
+    group_draws, ref_group_draws, ref_group_points = [], [], []
     for members in TASK_GROUPS.values():
-        draws, ref_draws = [], []
+        draws, ref_draws, ref_points = [], [], []
         for task in members:
             if task not in per_document and task not in ref_per_document:
                 continue
@@ -202,13 +204,18 @@ def acc_drop_interval(
             indices = stats.resample_indices(len(ids), resamples, generator)
             draws.append(values[indices].mean(-1))
             ref_draws.append(ref_values[indices].mean(-1))
+            ref_points.append(float(ref_values.mean()))
         if draws:
             group_draws.append(torch.stack(draws).mean(0))
             ref_group_draws.append(torch.stack(ref_draws).mean(0))
+            ref_group_points.append(sum(ref_points) / len(ref_points))
     if not group_draws:
         raise ValueError("acc_drop_pct needs per-document results of at least one grouped task")
     avg, ref_avg = torch.stack(group_draws).mean(0), torch.stack(ref_group_draws).mean(0)
-    low, high = stats.percentile_interval(100.0 * (ref_avg - avg) / ref_avg)
+    ref_point = sum(ref_group_points) / len(ref_group_points)
+    if not ref_point > 0:
+        raise ValueError(f"the reference accuracy must be a positive number, got {ref_point!r}")
+    low, high = stats.percentile_interval(100.0 * (ref_avg - avg) / ref_point)
     return {
         "acc_drop_pct_ci_low": low,
         "acc_drop_pct_ci_high": high,
