@@ -2,11 +2,18 @@
 
 Protocol (logged with every number): evaluation documents joined by blank lines, tokenized with
 an explicit ``add_special_tokens``, the first ``tokens`` tokens cut into windows of ``context``
-tokens advanced by ``stride``; a window scores only targets no earlier window scored. Perplexity
-is exp(mean token NLL). KL(reference || model) is averaged over the first ``kl_tokens`` scored
-targets; top-1 agreement over all of them.
+tokens advanced by ``stride``; a window scores only targets no earlier window scored. Each window
+starts the way the model expects: with ``eval.bos`` on (``auto``: where the tokenizer adds a BOS
+token), a BOS token is put before the window as context only, so the same targets are scored with
+or without it. Perplexity is exp(mean token NLL). KL(reference || model) is averaged over the
+first ``kl_tokens`` scored targets; top-1 agreement over all of them.
 
-The reference's outputs are computed once per (model, evaluation config) and cached on disk.
+Intervals (95%) compare with the reference on the same targets: perplexity and Δppl% by a paired
+bootstrap over evaluation windows (targets within a window share context, so windows are the
+independent units), KL by a bootstrap over blocks of ``eval.ci.kl_block_tokens`` consecutive
+scored targets (KL covers only the first ``kl_tokens`` targets, a few windows: too few units).
+
+The reference's outputs are computed once per (model, evaluation config, BOS) and cached on disk.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
+from pipeline import stats
 from pipeline.assets import cache_dir
 from pipeline.data import load_corpus, split_half, token_stream
 
 log = logging.getLogger(__name__)
+
+
+BOS_MODES = ("auto", True, False)
 
 
 @dataclass
@@ -34,6 +45,8 @@ class Scores:
     nll: torch.Tensor  # (n_scored,) per-target negative log-likelihood
     argmax: torch.Tensor  # (n_scored,) top-1 prediction at each target
     logprobs: torch.Tensor  # (kl_tokens, vocab) full log-distribution at the first targets
+    window: torch.Tensor | None = None  # (n_scored,) index of the window that scored each target
+    bos_token_id: int | None = None  # the BOS put before every window, None: none
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -50,22 +63,61 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
+def window_index(spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    """(n_scored,) the window each scored target belongs to, in scoring order."""
+    return torch.cat(
+        [torch.full((end - begin - first,), i, dtype=torch.long) for i, (begin, end, first) in enumerate(spans)]
+    )
+
+
+def resolve_bos(tokenizer, mode: str | bool) -> int | None:
+    """The BOS token id to put before every window, or None.
+
+    ``auto``: the tokenizer's own convention, i.e. a BOS where ``add_special_tokens=True`` puts one
+    in front of the text (Gemma, Llama-2/3); None where it does not (SmolLM2 under transformers 5).
+    ``true``: the tokenizer's ``bos_token_id`` (an error if it has none). ``false``: never.
+    """
+    if mode not in BOS_MODES:
+        raise ValueError(f"eval.bos must be one of auto, true, false; got {mode!r}")
+    bos = tokenizer.bos_token_id
+    if mode is False:
+        return None
+    if mode is True:
+        if bos is None:
+            raise ValueError("eval.bos=true but the tokenizer defines no bos_token; use eval.bos=auto or false")
+        return int(bos)
+    probe = "The quick brown fox"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    adds_bos = bos is not None and special[:1] == [bos] and special[1 : 1 + len(plain)] == plain
+    return int(bos) if adds_bos else None
+
+
 def evaluation_tokens(tokenizer, eval_cfg: Mapping, data_cfg: Mapping) -> torch.Tensor:
     docs = split_half(load_corpus(data_cfg["evaluation"]["corpus"], data_cfg["corpora"]), "evaluation")
     return token_stream(tokenizer, docs, int(eval_cfg["tokens"]), bool(eval_cfg["add_special_tokens"]))
 
 
-def check_protocol(eval_cfg: Mapping, max_positions: int | None) -> None:
+def check_protocol(eval_cfg: Mapping, max_positions: int | None, bos_token_id: int | None = None) -> None:
+    """Refuse a protocol that cannot run; ``max_positions`` and the BOS once the model is loaded."""
     context, kl_tokens = int(eval_cfg["context"]), int(eval_cfg["kl_tokens"])
+    # A BOS before the window takes one position; the context is not shortened to make room.
+    extra, with_bos = (1, " plus the BOS token") if bos_token_id is not None else (0, "")
+    fix = " (or eval.bos=false)" if extra else ""
     for length in eval_cfg.get("context_lengths") or []:
         if not 1 < int(length) <= int(eval_cfg["tokens"]):
             raise ValueError(f"eval.context_lengths entry {length} must be in 2..eval.tokens ({eval_cfg['tokens']})")
-        if max_positions and int(length) > max_positions:
-            raise ValueError(f"eval.context_lengths entry {length} exceeds the model's maximum of {max_positions}")
+        if max_positions and int(length) + extra > max_positions:
+            raise ValueError(
+                f"eval.context_lengths entry {length}{with_bos} exceeds the model's maximum of {max_positions}{fix}"
+            )
     if context <= 1:
         raise ValueError(f"eval.context must be > 1, got {context}")
-    if max_positions and context > max_positions:
-        raise ValueError(f"eval.context {context} exceeds the model's maximum of {max_positions} positions")
+    if max_positions and context + extra > max_positions:
+        raise ValueError(
+            f"eval.context {context}{with_bos} exceeds the model's maximum of {max_positions} positions; "
+            f"set eval.context={max_positions - extra}{fix}"
+        )
     if kl_tokens <= 0:
         raise ValueError(f"eval.kl_tokens must be positive, got {kl_tokens}")
     windows(int(eval_cfg["tokens"]), context, int(eval_cfg["stride"]))
@@ -77,34 +129,65 @@ def check_protocol(eval_cfg: Mapping, max_positions: int | None) -> None:
         raise ValueError(
             f"eval.generation.new_tokens must be in 1..{max_positions or 'any'}, got {generation['new_tokens']}"
         )
+    if eval_cfg["bos"] not in BOS_MODES:
+        raise ValueError(f"eval.bos must be one of auto, true, false; got {eval_cfg['bos']!r}")
+    check_ci(eval_cfg["ci"])
+
+
+def check_ci(ci: Mapping) -> None:
+    resamples, block = ci["resamples"], ci["kl_block_tokens"]
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise ValueError(f"eval.ci.resamples must be an integer >= 100 (a 95% interval needs tails), got {resamples!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"eval.ci.kl_block_tokens must be a positive integer, got {block!r}")
+    if isinstance(ci["seed"], bool) or not isinstance(ci["seed"], int):
+        raise ValueError(f"eval.ci.seed must be an integer, got {ci['seed']!r}")
+
+
+def _with_bos(ids: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    if bos_token_id is None:
+        return ids
+    return torch.cat([torch.full((ids.shape[0], 1), bos_token_id, dtype=ids.dtype), ids], dim=1)
 
 
 @torch.no_grad()
-def score(model, tokens: torch.Tensor, eval_cfg: Mapping) -> Scores:
-    """Run every window through ``model``; keep what perplexity and agreement need."""
+def score(model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None = None) -> Scores:
+    """Run every window through ``model``; keep what perplexity and agreement need.
+
+    With ``bos_token_id`` each window gets that token in front as context; the scored targets stay
+    the same tokens.
+    """
     spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
     kl_tokens, batch_size = int(eval_cfg["kl_tokens"]), int(eval_cfg["batch_size"])
+    offset = 0 if bos_token_id is None else 1
     nll, argmax, kept = [], [], []
     n_kept = 0
     for i in range(0, len(spans), batch_size):
         batch = spans[i : i + batch_size]
-        ids = torch.stack([tokens[b:e] for b, e, _ in batch])
+        ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         for row, (_, _, first) in enumerate(batch):
-            # position t predicts token t+1: scored targets first..T-1 use logits first-1..T-2
-            logprobs = F.log_softmax(logits[row, first - 1 : -1], dim=-1)
-            targets = ids[row, first:]
+            # position t predicts token t+1: scored targets first..T-1 of the window sit at
+            # first+offset.. in ids and use the logits one position earlier
+            logprobs = F.log_softmax(logits[row, first - 1 + offset : -1], dim=-1)
+            targets = ids[row, first + offset :]
             nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1))
             argmax.append(logprobs.argmax(-1))
             if n_kept < kl_tokens:
                 kept.append(logprobs[: kl_tokens - n_kept].clone())
                 n_kept += kept[-1].shape[0]
-    return Scores(torch.cat(nll), torch.cat(argmax), torch.cat(kept))
+    return Scores(torch.cat(nll), torch.cat(argmax), torch.cat(kept), window_index(spans), bos_token_id)
 
 
 @torch.no_grad()
-def perplexity_by_context(model, tokens: torch.Tensor, lengths: list[int], tokens_per_batch: int) -> dict[str, float]:
-    """``ppl_ctx/<len>``: perplexity over disjoint windows of each length on the same tokens."""
+def perplexity_by_context(
+    model, tokens: torch.Tensor, lengths: list[int], tokens_per_batch: int, bos_token_id: int | None = None
+) -> dict[str, float]:
+    """``ppl_ctx/<len>``: perplexity over disjoint windows of each length on the same tokens.
+
+    A window scores its tokens 1..len-1; with ``bos_token_id`` the BOS before it is context only.
+    """
+    offset = 0 if bos_token_id is None else 1
     out = {}
     for length in lengths:
         n = tokens.numel() // length * length
@@ -112,9 +195,11 @@ def perplexity_by_context(model, tokens: torch.Tensor, lengths: list[int], token
         nll = []
         batch_size = max(1, tokens_per_batch // length)
         for i in range(0, windows_.shape[0], batch_size):
-            ids = windows_[i : i + batch_size]
+            ids = _with_bos(windows_[i : i + batch_size], bos_token_id)
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            nll.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"))
+            nll.append(
+                F.cross_entropy(logits[:, offset:-1].flatten(0, 1), ids[:, offset + 1 :].flatten(), reduction="none")
+            )
         out[f"ppl_ctx/{length}"] = math.exp(float(torch.cat(nll).mean()))
     return out
 
@@ -125,11 +210,14 @@ def _model_fingerprint(model_path: str) -> str:
     return json.dumps([model_path, files])
 
 
-def reference_cache_path(model_path: str, model_dtype: str, eval_cfg: Mapping, data_cfg: Mapping) -> Path:
+def reference_cache_path(
+    model_path: str, model_dtype: str, eval_cfg: Mapping, data_cfg: Mapping, bos_token_id: int | None
+) -> Path:
     key = json.dumps(
         {
             "model": _model_fingerprint(model_path),
             "dtype": model_dtype,
+            "bos_token_id": bos_token_id,
             "eval": {k: eval_cfg[k] for k in ("tokens", "context", "stride", "add_special_tokens", "kl_tokens")},
             "corpus": data_cfg["corpora"][data_cfg["evaluation"]["corpus"]],
             "corpus_name": data_cfg["evaluation"]["corpus"],
@@ -153,15 +241,20 @@ def cached_json(path: Path, compute) -> dict:
     return result
 
 
-def load_or_compute_reference(path: Path, model, tokens: torch.Tensor, eval_cfg: Mapping) -> Scores:
+def load_or_compute_reference(
+    path: Path, model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None
+) -> Scores:
+    """The reference's scores; ``path`` (``reference_cache_path``) is keyed by the BOS as well."""
     if path.exists():
         log.info("reference outputs from cache %s", path)
         cached = load_file(path)
         if not torch.equal(cached["tokens"], tokens):
             raise RuntimeError(f"reference cache {path} was built on other tokens; delete it and rerun")
-        return Scores(cached["nll"], cached["argmax"], cached["logprobs"])
+        # The windows follow from the protocol, which the cache key holds.
+        spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
+        return Scores(cached["nll"], cached["argmax"], cached["logprobs"], window_index(spans), bos_token_id)
     log.info("computing reference outputs (cached at %s)", path)
-    scores = score(model, tokens, eval_cfg)
+    scores = score(model, tokens, eval_cfg, bos_token_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     save_file({"tokens": tokens, "nll": scores.nll, "argmax": scores.argmax, "logprobs": scores.logprobs}, tmp)
@@ -169,23 +262,97 @@ def load_or_compute_reference(path: Path, model, tokens: torch.Tensor, eval_cfg:
     return scores
 
 
+def kl_per_target(logprobs: torch.Tensor, reference: Scores) -> torch.Tensor:
+    """KL(reference || model) at each of the first ``len(logprobs)`` scored targets."""
+    ref_logprobs = reference.logprobs[: logprobs.shape[0]]
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+
+
 def kl_vs_reference(logprobs: torch.Tensor, reference: Scores) -> float:
     """Mean KL(reference || model) over the first ``len(logprobs)`` scored targets."""
-    ref_logprobs = reference.logprobs[: logprobs.shape[0]]
-    return float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).mean())
+    return float(kl_per_target(logprobs, reference).mean())
 
 
 def kl_on_prefix(model, tokens: torch.Tensor, reference: Scores, eval_cfg: Mapping) -> float:
-    """KL vs the reference on the windows of a prefix of the evaluation tokens: a cheap proxy of ``kl_vs_ref``."""
-    return kl_vs_reference(score(model, tokens, eval_cfg).logprobs, reference)
+    """KL vs the reference on the windows of a prefix of the evaluation tokens: a cheap proxy of ``kl_vs_ref``.
+
+    The windows start the way the reference's did (with its BOS, if any).
+    """
+    return kl_vs_reference(score(model, tokens, eval_cfg, reference.bos_token_id).logprobs, reference)
 
 
-def compare(scores: Scores, reference: Scores) -> dict[str, float]:
-    """The language-modeling metrics of a model against the reference's cached outputs."""
-    return {
-        "ppl": math.exp(float(scores.nll.mean())),
-        "ppl_ref": math.exp(float(reference.nll.mean())),
+def kl_blocks(window: torch.Tensor, block_tokens: int) -> torch.Tensor:
+    """Block labels 0..K-1 for scored targets: runs of ``block_tokens`` targets, never across a window."""
+    starts = torch.ones_like(window, dtype=torch.bool)
+    starts[1:] = window[1:] != window[:-1]
+    first_of_window = torch.cummax(torch.where(starts, torch.arange(window.numel()), 0), 0).values
+    offset = torch.arange(window.numel()) - first_of_window
+    block_starts = starts | (offset % block_tokens == 0)
+    return torch.cumsum(block_starts.long(), 0) - 1
+
+
+def compare(scores: Scores, reference: Scores, ci: Mapping | None = None) -> dict[str, float]:
+    """The language-modeling metrics of a model against the reference's cached outputs.
+
+    With ``ci`` (``eval.ci``) also their 95% intervals: ``ppl_ci_*``, ``dppl_pct_ci_*`` (paired
+    bootstrap over windows) and ``kl_vs_ref_ci_*`` (bootstrap over blocks of targets).
+    """
+    ppl, ppl_ref = math.exp(float(scores.nll.mean())), math.exp(float(reference.nll.mean()))
+    metrics = {
+        "ppl": ppl,
+        "ppl_ref": ppl_ref,
+        "dppl_pct": 100.0 * (ppl / ppl_ref - 1.0),
         "kl_vs_ref": kl_vs_reference(scores.logprobs, reference),
         "top1_agree": float((scores.argmax == reference.argmax).float().mean()),
         "eval_tokens_scored": float(scores.nll.numel()),
+    }
+    if ci is not None:
+        metrics |= intervals(scores, reference, ci)
+    return metrics
+
+
+def intervals(scores: Scores, reference: Scores, ci: Mapping) -> dict[str, float]:
+    """95% percentile-bootstrap intervals, paired with the reference on the same resamples."""
+    if scores.window is None or reference.window is None or not torch.equal(scores.window, reference.window):
+        raise ValueError("paired intervals need the model and the reference scored on the same windows")
+    resamples, seed = int(ci["resamples"]), int(ci["seed"])
+    sums, counts = stats.unit_sums(scores.nll, scores.window)
+    ref_sums, _ = stats.unit_sums(reference.nll, reference.window)
+    indices = stats.resample_indices(counts.numel(), resamples, stats.seeded(seed))
+    mean_nll = stats.resampled_means(sums, counts, indices)
+    ref_mean_nll = stats.resampled_means(ref_sums, counts, indices)
+    ppl_low, ppl_high = stats.percentile_interval(mean_nll.exp())
+    dppl_low, dppl_high = stats.percentile_interval(100.0 * (torch.exp(mean_nll - ref_mean_nll) - 1.0))
+
+    kl = kl_per_target(scores.logprobs, reference)
+    blocks = kl_blocks(scores.window[: kl.numel()], int(ci["kl_block_tokens"]))
+    kl_sums, kl_counts = stats.unit_sums(kl, blocks)
+    kl_draws = stats.resampled_means(
+        kl_sums, kl_counts, stats.resample_indices(kl_counts.numel(), resamples, stats.seeded(seed))
+    )
+    kl_low, kl_high = stats.percentile_interval(kl_draws)
+    return {
+        "ppl_ci_low": ppl_low,
+        "ppl_ci_high": ppl_high,
+        "dppl_pct_ci_low": dppl_low,
+        "dppl_pct_ci_high": dppl_high,
+        "kl_vs_ref_ci_low": kl_low,
+        "kl_vs_ref_ci_high": kl_high,
+    }
+
+
+def protocol_params(eval_cfg: Mapping, bos_token_id: int | None) -> dict[str, str]:
+    """The resolved parts of the protocol, logged as run parameters next to the config."""
+    spans = windows(int(eval_cfg["tokens"]), int(eval_cfg["context"]), int(eval_cfg["stride"]))
+    ci = eval_cfg["ci"]
+    kl_window = window_index(spans)[: int(eval_cfg["kl_tokens"])]
+    n_blocks = int(kl_blocks(kl_window, int(ci["kl_block_tokens"])).max()) + 1
+    return {
+        "eval.bos_used": "false" if bos_token_id is None else "true",
+        "eval.bos_token_id": "none" if bos_token_id is None else str(bos_token_id),
+        "eval.ci_method": (
+            f"95% percentile bootstrap, B={ci['resamples']}, seed {ci['seed']}: ppl and dppl_pct paired with the "
+            f"reference over {len(spans)} windows; kl_vs_ref over {n_blocks} blocks of up to "
+            f"{ci['kl_block_tokens']} scored tokens"
+        ),
     }

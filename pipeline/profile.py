@@ -4,9 +4,14 @@ Memory counts every weight the model keeps: packed codes, scales, zero points an
 quantized layers plus all other parameters (tied tensors once). Kernel-specific layouts that a
 layer builds for speed are reported apart, as ``kernel_cache_bytes``.
 
-Speed: a prefill of ``prompt_tokens`` then ``decode_tokens`` greedy steps with a KV cache,
-timed for the reference and the quantized model alternately, ``repeats`` times after warm-up,
-with ``threads`` threads; medians are reported and ratios computed from them.
+Speed: a prefill of ``prompt_tokens`` then ``decode_tokens`` greedy steps with a KV cache, with
+``threads`` threads, ``repeats`` times after warm-up. Each repeat times the reference, the quantized
+model, then the reference again (A, Q, B). Per repeat, the paired ratio is mean(A, B) / Q (the
+reference on both sides cancels a linear drift) and the noise ratio is A / B (the reference against
+itself). ``speedup_vs_ref`` is the median paired ratio; ``*_ci_low/high`` its 95% Student-t interval
+over repeats (on logs; needs ``repeats >= 2``); ``speed_noise_pct`` = 100 * |median(A / B) - 1|, what
+the reference reads against itself in the same process; ``speedup_is_win`` = 1.0 only when the
+interval's low end clears 1 + that noise. Times are medians over repeats.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import stats
 from pipeline.generation import greedy
 from pipeline.quant.linear import QuantLinear
 
@@ -122,29 +128,67 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping) -> dict[str, float]:
+    """Speed against the reference, interleaved A, Q, B per repeat (module docstring), per batch size.
+
+    For each batch (suffix ``""`` at 1, ``_b<batch>`` otherwise): ``prefill_ms``, ``decode_tok_s``
+    and the reference's (``_ref``), ``speedup_vs_ref`` (decode) and ``prefill_speedup_vs_ref`` with
+    ``_ci_low``/``_ci_high``, ``speed_noise_pct``/``prefill_speed_noise_pct`` and
+    ``speedup_is_win``/``prefill_speedup_is_win``.
+    """
     prompt_len, decode_tokens = int(cfg["prompt_tokens"]), int(cfg["decode_tokens"])
+    warmup, repeats = int(cfg["warmup"]), int(cfg["repeats"])
+    if repeats < 1:
+        raise ValueError(f"profile.repeats must be at least 1 (2 or more for intervals), got {repeats}")
+    if repeats < 2:
+        log.warning("profile.repeats=1: speed-ups are logged without intervals or a win/noise verdict")
     metrics = {}
     with torch_threads(int(cfg["threads"])):
         for batch in cfg["batch_sizes"]:
             if tokens.numel() < batch * prompt_len:
                 raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
             prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
-            timings = {"quant": [], "ref": []}
-            for i in range(int(cfg["warmup"]) + int(cfg["repeats"])):
-                for key, m in (("ref", reference), ("quant", model)):
+            timings: dict[str, list[tuple[float, float]]] = {"ref_a": [], "quant": [], "ref_b": []}
+            for i in range(warmup + repeats):
+                for key, m in (("ref_a", reference), ("quant", model), ("ref_b", reference)):
                     # decode_tokens decode steps after the prefill's first token
                     run = greedy(m, prompt, decode_tokens + 1)[0]
-                    t = (run.prefill_s, run.decode_s)
-                    if i >= int(cfg["warmup"]):
-                        timings[key].append(t)
-            med = {
-                k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in timings.items()
-            }
+                    if i >= warmup:
+                        timings[key].append((run.prefill_s, run.decode_s))
             suffix = "" if batch == 1 else f"_b{batch}"
-            metrics[f"prefill_ms{suffix}"] = 1000 * med["quant"][0]
-            metrics[f"prefill_ms_ref{suffix}"] = 1000 * med["ref"][0]
-            metrics[f"decode_tok_s{suffix}"] = batch * decode_tokens / med["quant"][1]
-            metrics[f"decode_tok_s_ref{suffix}"] = batch * decode_tokens / med["ref"][1]
-            metrics[f"speedup_vs_ref{suffix}"] = med["ref"][1] / med["quant"][1]
-            metrics[f"prefill_speedup_vs_ref{suffix}"] = med["ref"][0] / med["quant"][0]
+            for phase, prefix in ((1, ""), (0, "prefill_")):
+                ref_a = [t[phase] for t in timings["ref_a"]]
+                ref_b = [t[phase] for t in timings["ref_b"]]
+                quant = [t[phase] for t in timings["quant"]]
+                ref = [(a + b) / 2 for a, b in zip(ref_a, ref_b, strict=True)]
+                if phase == 1:
+                    metrics[f"decode_tok_s{suffix}"] = batch * decode_tokens / statistics.median(quant)
+                    metrics[f"decode_tok_s_ref{suffix}"] = batch * decode_tokens / statistics.median(ref)
+                else:
+                    metrics[f"prefill_ms{suffix}"] = 1000 * statistics.median(quant)
+                    metrics[f"prefill_ms_ref{suffix}"] = 1000 * statistics.median(ref)
+                metrics |= _ratio_metrics(
+                    f"{prefix}speedup_vs_ref{suffix}",
+                    f"{prefix}speed_noise_pct{suffix}",
+                    f"{prefix}speedup_is_win{suffix}",
+                    paired=[r / q for r, q in zip(ref, quant, strict=True)],
+                    self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
+                )
     return metrics
+
+
+def _ratio_metrics(
+    name: str, noise_name: str, win_name: str, paired: list[float], self_ratios: list[float]
+) -> dict[str, float]:
+    noise = abs(statistics.median(self_ratios) - 1.0)
+    out = {name: statistics.median(paired), noise_name: 100.0 * noise}
+    if len(paired) >= 2:
+        low, high = stats.log_ratio_t_interval(paired)
+        out |= {f"{name}_ci_low": low, f"{name}_ci_high": high, win_name: 1.0 if low > 1.0 + noise else 0.0}
+    return out
+
+
+def ci_method(cfg: Mapping) -> str:
+    return (
+        f"per repeat: reference, model, reference; speed-up = median of mean(ref)/model over {cfg['repeats']} repeats, "
+        f"95% Student-t interval on the log ratios; noise = |median(ref A / ref B) - 1|; a win needs ci_low > 1 + noise"
+    )

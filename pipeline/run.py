@@ -156,7 +156,9 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
         mlflow.log_metrics(dict(new))
 
     model, tokenizer = load_model(container["model"])
-    evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None))
+    bos = evaluate.resolve_bos(tokenizer, eval_cfg["bos"])
+    evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None), bos)
+    mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
     quantizing = method["algorithm"] != "none"
     if quantizing:
         selected, _ = quantize.select_layers(model, container["layers"])
@@ -164,9 +166,9 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
-    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"])
-    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg)
-    reference_extra = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed)
+    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos)
+    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos)
+    reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
     reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
 
@@ -200,33 +202,40 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 
     record({"rss_start_mb": profile.reset_peak_rss()})  # the live memory the eval peak starts from
     start = time.perf_counter()
-    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg)
-    record(evaluate.compare(scores, reference))
+    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos)
+    record(evaluate.compare(scores, reference, eval_cfg["ci"]))
     record({f"ref_{k}": v for k, v in reference_extra.items()})
     if prompts:
         generated = generation.generate(model, tokenizer, prompts, new_tokens) if quantizing else reference_generations
         mlflow.log_dict(generation.samples(tokenizer, prompts, generated, reference_generations), "generations.json")
         record(generation.agreement(generated, reference_generations))
+    docs = reference_docs
     if quantizing:
-        _extras(model, tokenizer, tokens, eval_cfg, cfg.seed, record)
+        docs = {}
+        _extras(model, tokenizer, tokens, eval_cfg, cfg.seed, record, bos, docs)
     else:
         record(reference_extra)
     if "acc_avg" in metrics:
+        ci = eval_cfg["ci"]
         record({"acc_drop_pct": tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])})
+        record(tasks.acc_drop_interval(docs, reference_docs, int(ci["resamples"]), int(ci["seed"])))
+        mlflow.log_param("eval.tasks.ci_method", tasks.ci_method(int(ci["resamples"]), int(ci["seed"])))
     record({"eval_s": time.perf_counter() - start, "peak_rss_mb": profile.peak_rss_mb()})
     if cfg.profile.enabled:
         start = time.perf_counter()
         reference_model = load_model(container["model"])[0] if quantizing else model
         record(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
+        mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"]))
         record({"profile_s": time.perf_counter() - start})
     return metrics
 
 
-def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int, record) -> None:
-    """Context-length perplexity and zero-shot tasks, each only if configured, handed to ``record``."""
+def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int, record, bos: int | None, docs: dict) -> None:
+    """Context-length perplexity and zero-shot tasks, each only if configured, handed to ``record``;
+    the tasks' per-document scores go to ``docs``."""
     if eval_cfg["context_lengths"]:
         per_batch = int(eval_cfg["batch_size"]) * int(eval_cfg["context"])
-        record(evaluate.perplexity_by_context(model, tokens, list(eval_cfg["context_lengths"]), per_batch))
+        record(evaluate.perplexity_by_context(model, tokens, list(eval_cfg["context_lengths"]), per_batch, bos))
     task_cfg = eval_cfg["tasks"]
     if task_cfg["names"]:
         tasks.evaluate_tasks(
@@ -238,21 +247,27 @@ def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int, record) -> None
             int(task_cfg["batch_size"]),
             seed,
             on_task=record,
+            per_document=docs,
         )
 
 
-def _reference_extras(cache: Path, model, tokenizer, tokens, eval_cfg: dict, seed: int) -> dict[str, float]:
-    """The reference's extras, cached per (reference cache, extras config)."""
+def _reference_extras(
+    cache: Path, model, tokenizer, tokens, eval_cfg: dict, seed: int, bos: int | None
+) -> tuple[dict[str, float], dict]:
+    """The reference's extras and its per-document task scores, cached per (reference cache, extras config)."""
     if not eval_cfg["context_lengths"] and not eval_cfg["tasks"]["names"]:
-        return {}
-    path = _beside(cache, "extras", {"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed})
+        return {}, {}
+    key = {"ctx": eval_cfg["context_lengths"], "tasks": eval_cfg["tasks"], "seed": seed, "per_document": True}
+    path = _beside(cache, "extras", key)
 
-    def compute() -> dict[str, float]:
+    def compute() -> dict:
         out: dict[str, float] = {}
-        _extras(model, tokenizer, tokens, eval_cfg, seed, out.update)
-        return out
+        docs: dict = {}
+        _extras(model, tokenizer, tokens, eval_cfg, seed, out.update, bos, docs)
+        return {"metrics": out, "per_document": docs}
 
-    return evaluate.cached_json(path, compute)
+    cached = evaluate.cached_json(path, compute)
+    return cached["metrics"], cached["per_document"]
 
 
 def _reference_generations(cache: Path, model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:

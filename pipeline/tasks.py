@@ -15,6 +15,13 @@ Protocol:
   (``lambada``, ``basic_skills_arithmetic``, ``gsm8k``) carry their prompts as published and always
   run with the shots already in them (0, 5 and 8).
 - ``seed`` seeds Python, NumPy, torch and lm-eval's few-shot sampler.
+
+Uncertainty: ``acc_stderr/<task>`` and ``acc_norm_stderr/<task>`` are lm-eval's standard errors of
+a mean (``lm_eval.api.metrics.mean_stderr``: sample std / sqrt(n), closed form), computed here on
+lm-eval's per-document results, which are kept anyway for the paired comparison (lm-eval's own
+``bootstrap_iters`` would also bootstrap lambada's perplexity in a process pool, 100k draws).
+Group and average errors propagate them for an unweighted mean of independent task scores.
+``acc_drop_pct_ci_*`` compares with the reference document by document (``acc_drop_interval``).
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import torch
+
+from pipeline import stats
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +119,19 @@ def task_score(metrics: dict[str, float], task: str) -> float:
     return metrics.get(f"acc_norm/{task}", metrics[f"acc/{task}"])
 
 
+def task_stderr(metrics: dict[str, float], task: str) -> float | None:
+    """The standard error of ``task_score``, None where lm-eval gave none (a single document)."""
+    metric = "acc_norm" if f"acc_norm/{task}" in metrics else "acc"
+    return metrics.get(f"{metric}_stderr/{task}")
+
+
+def _mean_stderr(errors: list[float | None]) -> float | None:
+    """The standard error of an unweighted mean of independent scores (lm-eval's unweighted_mean_stderr)."""
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e**2 for e in errors)) / len(errors)
+
+
 def aggregate(metrics: dict[str, float]) -> dict[str, float]:
     """``acc/<group>`` for every group with at least one task in ``metrics``, and ``acc_avg``.
 
@@ -116,15 +140,26 @@ def aggregate(metrics: dict[str, float]) -> dict[str, float]:
     openbookqa, basic_skills_arithmetic) and ``acc`` otherwise (winogrande, copa, boolq, social_iqa,
     lambada). ``acc_avg`` is the unweighted mean of the group scores, so every
     group weighs the same whatever its number of tasks. Tasks outside the groups (``EXTRA_TASKS``,
-    lm-eval's own tasks) are reported alone and enter no average.
+    lm-eval's own tasks) are reported alone and enter no average. ``acc_stderr/<group>`` and
+    ``acc_avg_stderr`` propagate the task scores' standard errors through the same means (tasks
+    are scored on different documents, so independent), where every task in them has one.
     """
     out: dict[str, float] = {}
+    group_scores, group_errors = [], []
     for group, members in TASK_GROUPS.items():
-        scores = [task_score(metrics, task) for task in members if f"acc/{task}" in metrics]
-        if scores:
-            out[f"acc/{group}"] = sum(scores) / len(scores)
-    if out:
-        out["acc_avg"] = sum(out.values()) / len(out)
+        ran = [task for task in members if f"acc/{task}" in metrics]
+        if not ran:
+            continue
+        out[f"acc/{group}"] = sum(task_score(metrics, task) for task in ran) / len(ran)
+        group_scores.append(out[f"acc/{group}"])
+        group_errors.append(_mean_stderr([task_stderr(metrics, task) for task in ran]))
+        if group_errors[-1] is not None:
+            out[f"acc_stderr/{group}"] = group_errors[-1]
+    if group_scores:
+        out["acc_avg"] = sum(group_scores) / len(group_scores)
+        avg_error = _mean_stderr(group_errors)
+        if avg_error is not None:
+            out["acc_avg_stderr"] = avg_error
     return out
 
 
@@ -135,16 +170,91 @@ def acc_drop_pct(acc_avg: float, ref_acc_avg: float) -> float:
     return 100.0 * (ref_acc_avg - acc_avg) / ref_acc_avg
 
 
-def _metrics_of(results: dict, task: str, lm_eval_name: str) -> dict[str, float]:
-    out = {}
-    entry = results.get(lm_eval_name, {})
+def acc_drop_interval(
+    per_document: Mapping[str, Mapping[str, float]],
+    ref_per_document: Mapping[str, Mapping[str, float]],
+    resamples: int,
+    seed: int,
+) -> dict[str, float]:
+    """95% interval of ``acc_drop_pct`` by a paired bootstrap over documents within each task.
+
+    Each draw resamples every grouped task's documents (the same documents for the model and the
+    reference), recomputes both ``acc_avg`` exactly as ``aggregate`` does (task scores, group means,
+    mean of groups) and their difference, relative to the reference's measured ``acc_avg`` (a
+    resampled denominator can be 0 at small ``limit``; the sign, so significance, is the same).
+    ``acc_drop_significant`` is 1.0 when the interval excludes 0. ``per_document``: task ->
+    document id -> the task's score on it.
+    """
+    generator = stats.seeded(seed)
+    group_draws, ref_group_draws, ref_group_points = [], [], []
+    for members in TASK_GROUPS.values():
+        draws, ref_draws, ref_points = [], [], []
+        for task in members:
+            if task not in per_document and task not in ref_per_document:
+                continue
+            docs, ref_docs = per_document.get(task, {}), ref_per_document.get(task, {})
+            if set(docs) != set(ref_docs) or not docs:
+                raise ValueError(
+                    f"task {task}: the model and the reference were scored on different documents "
+                    f"({len(docs)} and {len(ref_docs)}); a paired interval needs the same ones"
+                )
+            ids = sorted(docs)
+            values = torch.tensor([docs[i] for i in ids], dtype=torch.float64)
+            ref_values = torch.tensor([ref_docs[i] for i in ids], dtype=torch.float64)
+            indices = stats.resample_indices(len(ids), resamples, generator)
+            draws.append(values[indices].mean(-1))
+            ref_draws.append(ref_values[indices].mean(-1))
+            ref_points.append(float(ref_values.mean()))
+        if draws:
+            group_draws.append(torch.stack(draws).mean(0))
+            ref_group_draws.append(torch.stack(ref_draws).mean(0))
+            ref_group_points.append(sum(ref_points) / len(ref_points))
+    if not group_draws:
+        raise ValueError("acc_drop_pct needs per-document results of at least one grouped task")
+    avg, ref_avg = torch.stack(group_draws).mean(0), torch.stack(ref_group_draws).mean(0)
+    ref_point = sum(ref_group_points) / len(ref_group_points)
+    if not ref_point > 0:
+        raise ValueError(f"the reference accuracy must be a positive number, got {ref_point!r}")
+    low, high = stats.percentile_interval(100.0 * (ref_avg - avg) / ref_point)
+    return {
+        "acc_drop_pct_ci_low": low,
+        "acc_drop_pct_ci_high": high,
+        "acc_drop_significant": 1.0 if low > 0 or high < 0 else 0.0,
+    }
+
+
+def ci_method(resamples: int, seed: int) -> str:
+    return (
+        f"acc_*_stderr: lm-eval's standard error of the mean, propagated through the unweighted means; "
+        f"acc_drop_pct: 95% percentile bootstrap paired with the reference over documents within each task, "
+        f"B={resamples}, seed {seed}"
+    )
+
+
+def _results_of(output: dict, task: str, lm_eval_name: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The task's acc/acc_norm and their standard errors, and its score (``task_score``) per document."""
+    from lm_eval.api.metrics import mean_stderr
+
+    out, per_metric = {}, {}
+    entry = output["results"].get(lm_eval_name, {})
+    samples = output.get("samples", {}).get(lm_eval_name, [])
     for metric in ("acc", "acc_norm"):
-        values = [v for k, v in entry.items() if k.split(",")[0] == metric and isinstance(v, (int, float))]
-        if values:
-            out[f"{metric}/{task}"] = float(values[0])
+        keys = [k for k, v in entry.items() if k.split(",")[0] == metric and isinstance(v, (int, float))]
+        if not keys:
+            continue
+        filter_key = keys[0].split(",", 1)[1]
+        docs = {str(s["doc_id"]): float(s[metric]) for s in samples if s["filter"] == filter_key and metric in s}
+        value = float(entry[keys[0]])
+        # The per-document results must be the ones behind lm-eval's number, or the interval is of something else.
+        if not docs or not math.isclose(sum(docs.values()) / len(docs), value, abs_tol=1e-9):
+            raise RuntimeError(f"task {task}: lm-eval's per-document {metric} do not average to its {metric} {value}")
+        out[f"{metric}/{task}"] = value
+        if len(docs) > 1:
+            out[f"{metric}_stderr/{task}"] = float(mean_stderr(list(docs.values())))
+        per_metric[metric] = docs
     if not out:
         log.warning("task %s reported no acc/acc_norm (metrics: %s)", task, sorted(entry))
-    return out
+    return out, per_metric.get("acc_norm", per_metric.get("acc", {}))
 
 
 def evaluate_tasks(
@@ -156,15 +266,18 @@ def evaluate_tasks(
     batch_size: int,
     seed: int,
     on_task: Callable[[dict[str, float]], None] | None = None,
+    per_document: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` (any in-memory causal LM, quantized or not) on ``tasks`` with lm-eval.
 
     ``tasks`` holds task names (``TASKS``), group names (``TASK_GROUPS``, expanded to their tasks) or
     names from lm-eval's own registry (they need the Hugging Face Hub for their data). Returns
     ``acc/<task>``, ``acc_norm/<task>`` where lm-eval reports it, ``acc/<group>`` for every group with
-    a task that ran (see ``aggregate``) and ``acc_avg`` over those groups. Tasks run one at a time;
-    ``on_task`` gets each task's metrics as it finishes (so a later failure loses nothing already
-    done), then the aggregates.
+    a task that ran (see ``aggregate``) and ``acc_avg`` over those groups, each with its standard
+    error (``acc_stderr/<task>``, ``acc_norm_stderr/<task>``, ``acc_stderr/<group>``,
+    ``acc_avg_stderr``). Tasks run one at a time; ``on_task`` gets each task's metrics as it
+    finishes (so a later failure loses nothing already done), then the aggregates. ``per_document``,
+    if given, receives each task's score per document id (for ``acc_drop_interval``).
     """
     check_arguments(tasks, limit, num_fewshot, batch_size)
     ours, others = expand(list(tasks))
@@ -190,10 +303,12 @@ def evaluate_tasks(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
-            bootstrap_iters=0,
-            log_samples=False,
+            bootstrap_iters=0,  # the standard errors come from the samples (module docstring)
+            log_samples=True,
         )
-        result = _metrics_of(output["results"], task, lm_eval_name)
+        result, docs = _results_of(output, task, lm_eval_name)
+        if per_document is not None and docs:
+            per_document[task] = docs
         log.info("task %s: %s in %.0f s", task, result, time.perf_counter() - start)
         metrics.update(result)
         if on_task is not None:

