@@ -72,7 +72,10 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
     assert all("kl_vs_ref" in c.data.metrics and "proxy_kl" in c.data.metrics for c in children)
 
     resumed = tune.tune([*overrides[:-1], "tune.n_trials=3"])  # the same study, one more trial
-    assert [t.number for t in resumed.trials] == [0, 1, 2] and len(_children(name)) == 3
+    assert [t.number for t in resumed.trials] == [0, 1, 2]
+    # a trial that repeated a finished trial's settings reused its values: no second run
+    ran = [t for t in resumed.trials if "duplicate_of" not in t.user_attrs]
+    assert len(_children(name)) == len(ran)
     assert resumed.trials[0].values == study.trials[0].values  # kept, not redone
 
     best = base[0] / "conf" / "experiment" / "tuned" / f"{name}.yaml"
@@ -84,6 +87,11 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
         cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
     assert cfg.method.group_size == resumed.best_params["method.group_size"] and cfg.tracking.experiment == "tuned"
     assert cfg.tracking.tags.tuned_from == name and "method.group_size=" in cfg.tracking.tags.tuned_settings
+    # how the best trial compares with the preset (trial 0), on the first objective
+    tags = cfg.tracking.tags
+    assert tags.tuned_objective == "kl_vs_ref" and tags.tuned_best_value == resumed.best_value
+    assert tags.tuned_preset_value == resumed.trials[0].value
+    assert tags.tuned_vs_preset == ("same" if resumed.best_trial.number == 0 else "better")
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(base):
@@ -119,7 +127,7 @@ def test_bad_search_spaces_and_objectives_are_refused(base):
 def test_two_worker_processes_share_one_study(base):
     name, overrides = _study(base, "tune.n_trials=4")
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.tune", "--workers", "2", *overrides],
+        [sys.executable, "-m", "pipeline.tune", "tune.workers=2", *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -147,19 +155,21 @@ def test_conditional_params_are_sampled_only_when_their_condition_holds():
 
 
 def test_hopeless_trials_are_pruned_after_quantization(base):
-    # after one full trial, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
+    # after the 8-bit preset, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
     space = "search.params=[{name:method.bits,choices:[8,2]}]"
-    name, overrides = _study(base, "tune.n_trials=5", "tune.startup_trials=1", space)
+    name, overrides = _study(base, "tune.n_trials=5", "tune.startup_trials=1", "method.bits=8", space)
     study = tune.tune(overrides)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and all(t.params["method.bits"] == 2 for t in pruned)
     runs = {c.data.tags["tune.trial"]: c for c in _children(name)}
-    for trial in pruned:
+    assert len(runs) == 2  # one run per setting: a repeat of the pruned setting is pruned again, without a run
+    for trial in [t for t in pruned if "duplicate_of" not in t.user_attrs]:
         run = runs[str(trial.number)]
         assert run.info.status == "KILLED" and run.data.tags["tune.pruned"] == "true"
         assert "proxy_kl" in run.data.metrics and "ppl" not in run.data.metrics  # stopped before evaluation
     parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
-    assert parent.data.metrics["trials_pruned"] == len(pruned) and "prune_saved_s" in parent.data.metrics
+    assert parent.data.metrics["trials_pruned"] == 1 and "prune_saved_s" in parent.data.metrics
+    assert parent.data.metrics["trials_duplicate"] == len(study.trials) - 2
 
 
 @pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "search").glob("*.yaml")))
