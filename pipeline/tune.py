@@ -403,9 +403,11 @@ def write_best(
     """The best trial (see ``best_trial``) as an experiment config, tagged with how it compares with the preset."""
     if trial is None:
         return None
-    # tracking and hydra settings belong to the machine that tuned, not to the tuned method
+    # tracking, hydra and debug settings belong to the machine that tuned, the search space to the
+    # study: none of them to the tuned method
     values_only = [o for o in base + trial.user_attrs["overrides"] if not _is_choice(o)]
-    nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(("tracking.", "hydra."))])
+    machine = ("tracking.", "hydra.", "search.", "debug=")
+    nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(machine)])
     OmegaConf.update(nested, "tracking.experiment", "tuned", force_add=True)  # tuned methods side by side
     OmegaConf.update(nested, "tracking.tags.tuned_from", study.study_name, force_add=True)
     OmegaConf.update(nested, "tracking.tags.tuned_settings", " ".join(trial.user_attrs["overrides"]), force_add=True)
@@ -485,13 +487,13 @@ def close_stale_runs(study: optuna.Study, parent_id: str) -> list[str]:
 def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str]]:
     """Check the config and search space, open (or create) the study and its MLflow parent run."""
     cfg = compose_config(overrides)
+    experiment_id, *_ = run.prepare(cfg, overrides)  # the run's own checks first: a bad method makes no study
     space = check_space(cfg)
     objectives = check_objectives(cfg)
     name = cfg.tune.study_name or f"{cfg.model.name}-{cfg.method.name}".replace("/", "_")
     base = [o for o in overrides if not o.startswith("tune.")]
     study = open_study(cfg, name, space, objectives, base)
     study.set_user_attr("base_experiment", _experiment(overrides))
-    experiment_id, *_ = run.prepare(cfg, overrides)
     mlflow.set_experiment(experiment_id=experiment_id)  # resuming the parent run checks the active experiment
     return cfg, study, parent_run(study, experiment_id, cfg), space, base
 
