@@ -102,8 +102,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
     sweep = OmegaConf.select(cfg, "hydra.sweeper.params")
     if sweep:
         swept = " ".join(f"{key}={value}" for key, value in sweep.items())
+        what = f"experiment {experiment}" if experiment else "this config"
         raise ValueError(
-            f"experiment {experiment} is a sweep over {swept}; pipeline.tune tunes one method: give method=<m> "
+            f"{what} is a sweep over {swept}; pipeline.tune tunes one method: give method=<m> "
             f"and the settings you want as overrides, or an experiment without hydra.sweeper.params"
         )
     with open_dict(cfg):
