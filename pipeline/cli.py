@@ -12,17 +12,20 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
-# Errors our checks raise for bad input (config values, paths, stores), and OmegaConf's own for
-# missing or mistyped config values.
+# Errors our checks raise for bad input (config values, paths, stores), OmegaConf's own for
+# missing or mistyped config values, and Hydra's for overrides that do not compose (an unknown
+# experiment or key) where an entry point composes the config itself (pipeline.tune).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     PermissionError,
     ConnectionError,
     OmegaConfBaseException,
+    HydraException,
 )
 EXIT_USER_ERROR = 2
 

@@ -17,7 +17,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, generation, profile, quantize, tasks, tracking, train
+from pipeline import calibrate, evaluate, generation, profile, published_grid, quantize, tasks, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -58,6 +58,15 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
         )
         tasks.check_data_package()
     model_path = resolve_model_path(container["model"])
+    on_grid = published_grid.config_on_published_grid(container, model_path)
+    if on_grid:
+        log.warning(
+            "%s sits on the grid %s's weights were published on (%s): it reproduces the checkpoint and "
+            "says nothing about the method",
+            method["name"],
+            cfg.model.name,
+            published_grid.describe(container["model"]),
+        )
     experiment_id = tracking.setup(container["tracking"])
     name = cfg.tracking.run_name or run_name(cfg, list(overrides))
     tags = {
@@ -68,6 +77,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
         "granularity": str(method["granularity"]),
         "model": cfg.model.name,
         "overrides": " ".join(overrides),
+        "on_published_grid": str(on_grid).lower(),
         **{str(k): str(v) for k, v in (container["tracking"].get("tags") or {}).items()},
     }
     return experiment_id, name, tags, model_path

@@ -1,4 +1,8 @@
-"""`python -m pipeline.tune method=<m> [overrides]`: tune one method with an Optuna study.
+"""`python -m pipeline.tune method=<m> [experiment=<name>] [overrides]`: tune one method with an Optuna study.
+
+The command line is Hydra overrides only, as for ``python -m pipeline``: ``experiment=<name>`` composes
+that experiment last (see conf/tune.yaml for how its ``tracking.experiment`` is treated);
+``tune.workers=N`` starts N processes on one study.
 
 The search space is ``conf/search/<method>.yaml`` (a list of ``{name: <config key>, ...}``: ``choices``
 for a categorical, ``low``/``high`` (+ ``step`` or ``log``) for numbers). Each trial composes the
@@ -16,13 +20,19 @@ stages, and is an MLflow child run of the study's parent run, tagged with the st
   evaluation. The parent run logs ``prune_saved_s``: per pruned trial, the mean duration of the
   completed trials minus its own (an estimate: a pruned trial never shows its full cost).
 - A failing trial is recorded as failed (Optuna and MLflow) and the study goes on.
+- The method's preset is a trial of every study (enqueued once, also into a resumed study that lacks
+  it): the tuned config says how its best trial compares with it (tag ``tuned_vs_preset``).
+- A sampled setting on the grid the model's weights were published on (``model.published_grid``)
+  is never run: the trial is pruned with user attribute ``skipped=on_published_grid``, so it cannot
+  become the best trial (pipeline/published_grid.py).
+- A setting identical to a finished trial's is not run again: the trial takes that trial's values
+  (user attribute ``duplicate_of``) or, if it was pruned, is pruned again; no MLflow run.
 - The best trial's overrides are written to ``conf/experiment/tuned/<study>.yaml``:
   ``python -m pipeline experiment=tuned/<study>`` reruns it with the full protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -38,10 +48,11 @@ import mlflow
 import optuna
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import evaluate, quantize, run
-from pipeline.load import load_model
+from pipeline import evaluate, published_grid, quantize, run
+from pipeline.cli import guard
+from pipeline.load import load_model, resolve_model_path
 from pipeline.tracking import REPO
 
 log = logging.getLogger("pipeline.tune")
@@ -61,12 +72,46 @@ DIRECTIONS = {
 }
 SPEED_METRICS = {"prefill_ms", "decode_tok_s", "speedup_vs_ref"}
 STUDY_ATTRS = ("search_space", "objectives", "base_overrides")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+FINISHED = (COMPLETE, PRUNED, FAIL)
+# Where the study's runs go unless the user gives tracking.experiment: not the tuned experiment's own
+# MLflow experiment, whose report would otherwise mix trials with its rows.
+TUNE_EXPERIMENT = str(OmegaConf.load(CONF / "tune.yaml").tracking.experiment)
+SKIPPED_ON_GRID = "on_published_grid"
+
+
+def _experiment(overrides: list[str]) -> str | None:
+    """The experiment the overrides name (the last ``experiment=``), or None."""
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    return names[-1] if names and names[-1] not in ("", "null") else None
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/tune.yaml with the overrides. ``experiment=<name>`` is composed last, over tune.yaml's own
+    settings, as ``python -m pipeline experiment=<name>`` composes it over config.yaml's; only its
+    ``tracking.experiment`` gives way to tune's unless the overrides set it. A sweep is refused.
+    """
+    experiment = _experiment(overrides)
+    # Appended to the primary config's defaults (after tune.yaml's _self_); config.yaml's own
+    # `experiment` slot stays null.
+    hydra_overrides = [o for o in overrides if not o.startswith("experiment=")]
+    if experiment:
+        hydra_overrides.append(f"+experiment@_global_={experiment}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="tune", overrides=overrides)
+        cfg = compose(config_name="tune", overrides=hydra_overrides, return_hydra_config=True)
+    sweep = OmegaConf.select(cfg, "hydra.sweeper.params")
+    if sweep:
+        swept = " ".join(f"{key}={value}" for key, value in sweep.items())
+        what = f"experiment {experiment}" if experiment else "this config"
+        raise ValueError(
+            f"{what} is a sweep over {swept}; pipeline.tune tunes one method: give method=<m> "
+            f"and the settings you want as overrides, or an experiment without hydra.sweeper.params"
+        )
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if experiment and not any(o.startswith("tracking.experiment=") for o in overrides):
+        cfg.tracking.experiment = TUNE_EXPERIMENT
+    return cfg
 
 
 def check_space(cfg: DictConfig) -> list[dict]:
@@ -119,7 +164,22 @@ def preset_params(cfg: DictConfig, space: list[dict]) -> dict:
             continue
         if value in param["choices"] if "choices" in param else param["low"] <= value <= param["high"]:
             params[param["name"]] = value
+        else:
+            log.warning(
+                "preset %s=%s is outside the search space %s; its trial samples it", param["name"], value, param
+            )
     return params
+
+
+def preset_trial(study: optuna.Study, preset: Mapping) -> optuna.trial.FrozenTrial | None:
+    """The study's preset trial: the measured one if any (marked ``preset``, or a trial with its params)."""
+    trials = study.get_trials(deepcopy=False)
+    candidates = [t for t in trials if t.user_attrs.get("preset")] + [
+        t for t in trials if t.params == dict(preset) and t.state != optuna.trial.TrialState.WAITING
+    ]
+    if not candidates:
+        return None
+    return next((t for t in candidates if t.state == COMPLETE), candidates[0])
 
 
 def sample(trial: optuna.Trial, space: list[dict]) -> list[str]:
@@ -195,9 +255,11 @@ def open_study(cfg: DictConfig, name: str, space: list[dict], objectives: list[s
                 f"study {name!r} in {cfg.tune.storage} exists with another {key}: {stored} (now {value}); "
                 f"pick another tune.study_name or delete the study"
             )
-    if not study.trials:
-        # The preset first: a study then never ends worse than the method's defaults.
-        study.enqueue_trial(preset_params(cfg, space), user_attrs={"preset": True})
+    preset = preset_params(cfg, space)
+    if preset_trial(study, preset) is None:
+        # The preset in every study (a resumed one too): the best trial then never ends worse than the
+        # method's defaults. _spawn opens the study before its workers start, so they find it here.
+        study.enqueue_trial(preset, user_attrs={"preset": True}, skip_if_exists=True)
     study.set_user_attr("experiment", str(cfg.tracking.experiment))
     study.set_user_attr("method", str(cfg.method.name))
     return study
@@ -241,13 +303,26 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         sampled = sample(trial, space)
         overrides = [*cfg_overrides, *sampled]
-        cfg = compose_config(overrides)
-        experiment_id, _, tags, model_path = run.prepare(cfg, overrides)
-        tags |= {"tune.study": study.study_name, "tune.trial": str(trial.number)}
-        name = f"{study.study_name} #{trial.number} " + " ".join(sampled)
         trial.set_user_attr("overrides", sampled)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("sampler_seed", sampler_seed)
+        cfg = compose_config(overrides)
+        if config_on_grid(cfg):
+            trial.set_user_attr("skipped", SKIPPED_ON_GRID)
+            log.warning("trial %d: %s is on the published grid of %s; not run", trial.number, sampled, cfg.model.name)
+            raise optuna.TrialPruned(f"{' '.join(sampled)} is on the grid the model was published on")
+        trial.set_user_attr(SKIPPED_ON_GRID, False)
+        twin = finished_twin(study, trial)
+        if twin is not None:
+            original = twin.user_attrs.get("duplicate_of", twin.number)
+            trial.set_user_attr("duplicate_of", original)
+            if twin.state == PRUNED:
+                raise optuna.TrialPruned(f"same settings as trial {original}, which was pruned")
+            log.info("trial %d: same settings as trial %d; its values, not a second run", trial.number, original)
+            return twin.values[0] if len(twin.values) == 1 else tuple(twin.values)
+        experiment_id, _, tags, model_path = run.prepare(cfg, overrides)
+        tags |= {"tune.study": study.study_name, "tune.trial": str(trial.number)}
+        name = f"{study.study_name} #{trial.number} " + " ".join(sampled)
         child: dict = {}
         pruning = len(objectives) == 1 and cfg.tune.prune
         eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -272,30 +347,87 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
     return objective
 
 
-def write_best(study: optuna.Study, cfg: DictConfig, base: list[str]) -> Path | None:
-    """The best trial (single objective) or the Pareto trial best on the first objective, as an experiment config."""
-    best = study.best_trials
-    if not best:
+def config_on_grid(cfg: DictConfig) -> bool:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return published_grid.config_on_published_grid(container, resolve_model_path(container["model"]))
+
+
+def finished_twin(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """The first finished (complete or pruned) trial with exactly this trial's params."""
+    for other in study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)):
+        if other.number != trial.number and other.params == trial.params:
+            return other
+    return None
+
+
+def best_trial(study: optuna.Study, base: list[str]) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial off the published grid (several objectives: the Pareto trial best on the
+    first, ties broken by the next); a trial that reused another's values counts as that one.
+
+    Trials of older studies carry no on-grid mark: their settings are checked here.
+    """
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+    candidates = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+        if "duplicate_of" not in t.user_attrs and not _trial_on_grid(t, base)
+    ]
+    if not candidates:
         return None
-    direction = study.directions[0]
-    sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
-    trial = min(best, key=lambda t: sign * t.values[0])
-    # tracking and hydra settings belong to the machine that tuned, not to the tuned method
+    # The lexicographic minimum is on the Pareto front: nothing beats it on the first objective.
+    return min(candidates, key=lambda t: (*(s * v for s, v in zip(signs, t.values)), t.number))
+
+
+def _trial_on_grid(trial: optuna.trial.FrozenTrial, base: list[str]) -> bool:
+    marked = trial.user_attrs.get(SKIPPED_ON_GRID)
+    if marked is not None:
+        return bool(marked)
+    return config_on_grid(compose_config([*base, *trial.user_attrs.get("overrides", [])]))
+
+
+def versus_preset(study: optuna.Study, best: optuna.trial.FrozenTrial, preset: Mapping) -> dict[str, object]:
+    """The tuned config's tags that compare its best trial with the preset's, on the first objective."""
+    first = study.user_attrs["objectives"][0]
+    tags: dict[str, object] = {"tuned_objective": first, "tuned_best_value": float(best.values[0])}
+    trial = preset_trial(study, preset)
+    if trial is None or trial.state != COMPLETE:
+        return {**tags, "tuned_vs_preset": "preset_not_measured"}
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    gap = sign * (best.values[0] - trial.values[0])
+    verdict = "better" if gap < 0 else "same" if gap == 0 else "worse"
+    return {**tags, "tuned_preset_value": float(trial.values[0]), "tuned_vs_preset": verdict}
+
+
+def write_best(
+    study: optuna.Study, cfg: DictConfig, base: list[str], trial: optuna.trial.FrozenTrial | None, preset: Mapping
+) -> Path | None:
+    """The best trial (see ``best_trial``) as an experiment config, tagged with how it compares with the preset."""
+    if trial is None:
+        return None
+    # tracking, hydra and debug settings belong to the machine that tuned, the search space to the
+    # study: none of them to the tuned method
     values_only = [o for o in base + trial.user_attrs["overrides"] if not _is_choice(o)]
-    nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(("tracking.", "hydra."))])
+    machine = ("tracking.", "hydra.", "search.", "debug=")
+    nested = OmegaConf.from_dotlist([o for o in values_only if not o.startswith(machine)])
     OmegaConf.update(nested, "tracking.experiment", "tuned", force_add=True)  # tuned methods side by side
     OmegaConf.update(nested, "tracking.tags.tuned_from", study.study_name, force_add=True)
     OmegaConf.update(nested, "tracking.tags.tuned_settings", " ".join(trial.user_attrs["overrides"]), force_add=True)
-    choices = [o for o in base if _is_choice(o)]
+    for key, value in versus_preset(study, trial, preset).items():
+        OmegaConf.update(nested, f"tracking.tags.{key}", value, force_add=True)
+    # The experiment tuned on comes first, so that the tuned settings and tags above override it.
+    experiment = _experiment(base)
+    choices = [o for o in base if _is_choice(o) and not o.startswith("experiment=")]
     values = ", ".join(f"{k}={v:.4g}" for k, v in zip(study.user_attrs["objectives"], trial.values))
     lines = [
         "# @package _global_",
         f"# Written by pipeline.tune: study {study.study_name!r} ({cfg.tune.storage}), trial {trial.number}: {values}.",
         f"# Rerun: python -m pipeline experiment=tuned/{study.study_name}",
         "defaults:",
+        *([f"  - /experiment/{experiment}"] if experiment else []),
         *[f"  - override /{o.split('=', 1)[0]}: {o.split('=', 1)[1]}" for o in choices],
+        *(["  - _self_"] if experiment else []),
     ]
-    if not choices:
+    if not choices and not experiment:
         lines.pop()
     path = REPO / cfg.tune.best_dir / f"{study.study_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,22 +441,26 @@ def _is_choice(override: str) -> bool:
     return "." not in key and (CONF / key).is_dir()
 
 
-def summarize(study: optuna.Study) -> dict[str, float]:
+def summarize(study: optuna.Study, best: optuna.trial.FrozenTrial | None) -> dict[str, float]:
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.duration]
-    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and t.duration]
+    # Trials that reused another's values or were skipped on the published grid ran nothing.
+    ran = [t for t in trials if "duplicate_of" not in t.user_attrs and "skipped" not in t.user_attrs]
+    done = [t for t in ran if t.state == COMPLETE and t.duration]
+    pruned = [t for t in ran if t.state == PRUNED and t.duration]
     mean_full = sum(t.duration.total_seconds() for t in done) / len(done) if done else 0.0
     saved = sum(max(0.0, mean_full - t.duration.total_seconds()) for t in pruned)
     out = {
         "trials_complete": float(len(done)),
         "trials_pruned": float(len(pruned)),
-        "trials_failed": float(sum(t.state == optuna.trial.TrialState.FAIL for t in trials)),
+        "trials_failed": float(sum(t.state == FAIL for t in trials)),
+        "trials_duplicate": float(sum("duplicate_of" in t.user_attrs for t in trials)),
+        "trials_on_published_grid": float(sum(t.user_attrs.get("skipped") == SKIPPED_ON_GRID for t in trials)),
         "trial_mean_s": mean_full,
         "prune_saved_s": saved,
     }
-    if len(study.directions) == 1 and done:
-        out["best_value"] = study.best_value
-        out["best_trial"] = float(study.best_trial.number)
+    if len(study.directions) == 1 and best is not None:
+        out["best_value"] = float(best.values[0])
+        out["best_trial"] = float(best.number)
     return out
 
 
@@ -351,15 +487,14 @@ def close_stale_runs(study: optuna.Study, parent_id: str) -> list[str]:
 
 def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str]]:
     """Check the config and search space, open (or create) the study and its MLflow parent run."""
-    if any(o.startswith("experiment=") for o in overrides):
-        raise ValueError("pipeline.tune composes conf/tune.yaml; give the overrides themselves, not experiment=")
     cfg = compose_config(overrides)
+    experiment_id, *_ = run.prepare(cfg, overrides)  # the run's own checks first: a bad method makes no study
     space = check_space(cfg)
     objectives = check_objectives(cfg)
     name = cfg.tune.study_name or f"{cfg.model.name}-{cfg.method.name}".replace("/", "_")
     base = [o for o in overrides if not o.startswith("tune.")]
     study = open_study(cfg, name, space, objectives, base)
-    experiment_id, *_ = run.prepare(cfg, overrides)
+    study.set_user_attr("base_experiment", _experiment(overrides))
     mlflow.set_experiment(experiment_id=experiment_id)  # resuming the parent run checks the active experiment
     return cfg, study, parent_run(study, experiment_id, cfg), space, base
 
@@ -381,11 +516,12 @@ def tune(overrides: list[str]) -> optuna.Study:
     else:
         log.info("study %s already has %d finished trials; nothing to run", name, cfg.tune.n_trials)
     close_stale_runs(study, parent_id)
-    summary = summarize(study)
+    best = best_trial(study, base)
+    summary = summarize(study, best)
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_metrics(summary)
         mlflow.log_metric("worker_wall_s", time.perf_counter() - start)
-        path = write_best(study, cfg, base) if cfg.tune.best_dir else None
+        path = write_best(study, cfg, base, best, preset_params(cfg, space)) if cfg.tune.best_dir else None
         if path is not None:
             mlflow.log_artifact(str(path))
             mlflow.set_tag("best_config", str(path))
@@ -394,19 +530,30 @@ def tune(overrides: list[str]) -> optuna.Study:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Tune a method with Optuna: python -m pipeline.tune method=<m> ...")
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the study (default 1)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=gptq tune.n_trials=8")
-    args = parser.parse_args(argv)
+    """``python -m pipeline.tune [Hydra overrides]``; bad input is one ``error:`` line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        if args.workers > 1:
-            _spawn(args.workers, args.overrides)
-        else:
-            tune(args.overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    guard(lambda: _main(argv), argv)
+
+
+def _main(overrides: list[str]) -> None:
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise ValueError(
+            f"pipeline.tune takes Hydra overrides (key=value) like python -m pipeline, not {flags}; "
+            f"e.g. tune.workers=2 for two processes on one study"
+        )
+    workers = compose_config(overrides).tune.workers
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"tune.workers must be a positive integer, got {workers!r}")
+    if workers > 1:
+        _spawn(workers, overrides)
+    else:
+        tune(overrides)
 
 
 def _spawn(workers: int, overrides: list[str]) -> None:
@@ -418,7 +565,8 @@ def _spawn(workers: int, overrides: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
     # One sampler seed per worker: with the same seed every worker would sample the same settings.
     seeds = [f"tune.sampler_seed={int(cfg.tune.sampler_seed) + rank}" for rank in range(workers)]
-    cmd = [sys.executable, "-m", "pipeline.tune", *overrides]
+    own = [o for o in overrides if not o.startswith(("tune.workers=", "tune.sampler_seed="))]
+    cmd = [sys.executable, "-m", "pipeline.tune", *own, "tune.workers=1"]
     procs = [subprocess.Popen([*cmd, seed], env=env) for seed in seeds]
     codes = [p.wait() for p in procs]
     if any(codes):

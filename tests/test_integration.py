@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # the embedded model end to end, minutes on 2 cores
 CONTRACT_METRICS = [
     "ppl",
     "ppl_ref",
@@ -46,7 +47,8 @@ def store(tmp_path_factory):
     done = _pipeline(store)
     assert done.returncode == 0, done.stderr[-3000:]
     failed = _pipeline(store, "method.group_size=100")
-    assert failed.returncode != 0 and "group_size 100 does not divide" in failed.stderr
+    assert failed.returncode == 2 and "error: group_size 100 does not divide" in failed.stderr
+    assert "Traceback" not in failed.stderr
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     return store
 
@@ -68,6 +70,7 @@ def test_smoke_run_logs_the_contract(store):
     assert len(p["git.commit"]) in (40, 7) or p["git.commit"] == "unknown"
     assert p["pkg.torch"].startswith("2.") and "host.processor" in p
     assert run.data.tags["kernels"] == "aten_int4_groupwise" and "Q4_1" in run.data.tags["caveat"]
+    assert run.data.tags["on_published_grid"] == "false"  # group 64, integer zero point: off the Q4_1 grid
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "layers.json", "__main__.log", "generations.json"} <= artifacts
     assert 0 <= m["gen_match_rate"] <= 1 and 0 <= m["gen_first_divergence"] <= 8
@@ -123,3 +126,26 @@ def test_repeats_over_seeds_log_mean_std_and_same_seed_spread(store):
     assert m["ppl_std"] > 0  # calibration data follows the seed
     assert m["ppl_same_seed_spread"] == 0 and m["kl_vs_ref_same_seed_spread"] == 0
     assert min(c.data.metrics["ppl"] for c in children) <= m["ppl_mean"] <= max(c.data.metrics["ppl"] for c in children)
+
+
+def test_tune_on_the_smoke_experiment(store):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.tune",
+        "experiment=smoke",
+        "tune.n_trials=2",
+        "profile.enabled=false",
+        f"tracking.uri=sqlite:///{store}/mlflow.db",
+        f"tune.storage=sqlite:///{store}/optuna.db",
+        f"tune.best_dir={store}/tuned",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = mlflow.get_experiment_by_name("tune")  # the study's runs stay out of smoke's report
+    trials = [
+        r for r in mlflow.search_runs([experiment.experiment_id], output_format="list") if "tune.trial" in r.data.tags
+    ]
+    assert trials and all(r.data.params["eval.tokens"] == "512" for r in trials)  # smoke's protocol
+    (tuned,) = (store / "tuned").glob("*.yaml")
+    assert "- /experiment/smoke" in tuned.read_text() and "tuned_vs_preset:" in tuned.read_text()

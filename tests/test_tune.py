@@ -10,6 +10,7 @@ import optuna
 import pytest
 from conftest import CONF, tiny_llama
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from pipeline import tune
 
@@ -72,7 +73,10 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
     assert all("kl_vs_ref" in c.data.metrics and "proxy_kl" in c.data.metrics for c in children)
 
     resumed = tune.tune([*overrides[:-1], "tune.n_trials=3"])  # the same study, one more trial
-    assert [t.number for t in resumed.trials] == [0, 1, 2] and len(_children(name)) == 3
+    assert [t.number for t in resumed.trials] == [0, 1, 2]
+    # a trial that repeated a finished trial's settings reused its values: no second run
+    ran = [t for t in resumed.trials if "duplicate_of" not in t.user_attrs]
+    assert len(_children(name)) == len(ran)
     assert resumed.trials[0].values == study.trials[0].values  # kept, not redone
 
     best = base[0] / "conf" / "experiment" / "tuned" / f"{name}.yaml"
@@ -84,6 +88,11 @@ def test_study_runs_trials_as_child_runs_resumes_and_writes_a_rerunnable_best(ba
         cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
     assert cfg.method.group_size == resumed.best_params["method.group_size"] and cfg.tracking.experiment == "tuned"
     assert cfg.tracking.tags.tuned_from == name and "method.group_size=" in cfg.tracking.tags.tuned_settings
+    # how the best trial compares with the preset (trial 0), on the first objective
+    tags = cfg.tracking.tags
+    assert tags.tuned_objective == "kl_vs_ref" and tags.tuned_best_value == resumed.best_value
+    assert tags.tuned_preset_value == resumed.trials[0].value
+    assert tags.tuned_vs_preset == ("same" if resumed.best_trial.number == 0 else "better")
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(base):
@@ -119,7 +128,7 @@ def test_bad_search_spaces_and_objectives_are_refused(base):
 def test_two_worker_processes_share_one_study(base):
     name, overrides = _study(base, "tune.n_trials=4")
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.tune", "--workers", "2", *overrides],
+        [sys.executable, "-m", "pipeline.tune", "tune.workers=2", *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -147,19 +156,21 @@ def test_conditional_params_are_sampled_only_when_their_condition_holds():
 
 
 def test_hopeless_trials_are_pruned_after_quantization(base):
-    # after one full trial, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
+    # after the 8-bit preset, a 2-bit trial's proxy KL is far above the median of the 8-bit ones
     space = "search.params=[{name:method.bits,choices:[8,2]}]"
-    name, overrides = _study(base, "tune.n_trials=5", "tune.startup_trials=1", space)
+    name, overrides = _study(base, "tune.n_trials=5", "tune.startup_trials=1", "method.bits=8", space)
     study = tune.tune(overrides)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and all(t.params["method.bits"] == 2 for t in pruned)
     runs = {c.data.tags["tune.trial"]: c for c in _children(name)}
-    for trial in pruned:
+    assert len(runs) == 2  # one run per setting: a repeat of the pruned setting is pruned again, without a run
+    for trial in [t for t in pruned if "duplicate_of" not in t.user_attrs]:
         run = runs[str(trial.number)]
         assert run.info.status == "KILLED" and run.data.tags["tune.pruned"] == "true"
         assert "proxy_kl" in run.data.metrics and "ppl" not in run.data.metrics  # stopped before evaluation
     parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
-    assert parent.data.metrics["trials_pruned"] == len(pruned) and "prune_saved_s" in parent.data.metrics
+    assert parent.data.metrics["trials_pruned"] == 1 and "prune_saved_s" in parent.data.metrics
+    assert parent.data.metrics["trials_duplicate"] == len(study.trials) - 2
 
 
 @pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "search").glob("*.yaml")))
@@ -226,3 +237,160 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     assert resumed.trials[-1].params == before[-1].params  # the interrupted one was retried once
     killed = [r for r in _children(name) if r.data.tags["tune.trial"] == str(done)]
     assert [(r.info.status, r.data.tags.get("tune.stale")) for r in killed] == [("FAILED", "true")]
+
+
+def _fake_run(calls: list, kl):
+    """Stands in for run.tracked_run: records the trial's config, returns ``kl(cfg)`` as its KL."""
+
+    def tracked_run(cfg, experiment_id, name, tags, model_path, log_file=None, probe=None):
+        calls.append(cfg)
+        return {"kl_vs_ref": kl(cfg), "run_id": f"fake-{len(calls)}"}
+
+    return tracked_run
+
+
+def test_a_repeated_setting_reuses_the_finished_trial_instead_of_running_again(base, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(tune.run, "tracked_run", _fake_run(calls, lambda c: 0.1 + c.method.symmetric / 10))
+    space = SCALE_SPACE.replace("[{", "[{name:method.symmetric,choices:[true,false]},{")
+    _, overrides = _study(base, "tune.n_trials=6", space)
+    study = tune.tune(overrides)
+    assert len(study.trials) == 6 and all(t.state == COMPLETE for t in study.trials)
+    settings = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(calls) == len(settings) <= 4  # a 2x2 space: at most 4 runs, one per distinct setting
+    duplicates = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert len(duplicates) == 6 - len(calls)
+    for trial in duplicates:
+        original = study.trials[trial.user_attrs["duplicate_of"]]
+        assert original.params == trial.params and original.values == trial.values
+        assert "duplicate_of" not in original.user_attrs and "run_id" not in trial.user_attrs
+    parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["trials_duplicate"] == len(duplicates)
+    assert parent.data.metrics["trials_complete"] == len(calls)
+
+
+def test_a_setting_on_the_published_grid_is_never_run_nor_chosen(base, monkeypatch):
+    # The tiny model "was published" as 8-bit symmetric per-channel: weight_only's preset sits on it.
+    calls: list = []
+    monkeypatch.setattr(tune.run, "tracked_run", _fake_run(calls, lambda c: 1e-4 if c.method.bits == 8 else 1e-2))
+    grid = "model.published_grid={bits:8,symmetric:true,granularity:per_channel}"
+    name, overrides = _study(
+        base, "method=weight_only", grid, "tune.n_trials=4", "search.params=[{name:method.bits,choices:[8,6]}]"
+    )
+    study = tune.tune(overrides)
+    assert study.trials[0].user_attrs["preset"] and study.trials[0].params == {"method.bits": 8}
+    on_grid = [t for t in study.trials if t.params["method.bits"] == 8]
+    assert on_grid and all(t.state == optuna.trial.TrialState.PRUNED for t in on_grid)
+    assert all(t.user_attrs["skipped"] == "on_published_grid" and not t.intermediate_values for t in on_grid)
+    assert [c.method.bits for c in calls] == [6]  # the grid setting never ran (a run would have won)
+    text = (base[0] / "conf" / "experiment" / "tuned" / f"{name}.yaml").read_text()
+    tuned = OmegaConf.create(text)
+    assert tuned.method.bits == 6
+    assert (
+        tuned.tracking.tags.tuned_vs_preset == "preset_not_measured" and "tuned_preset_value" not in tuned.tracking.tags
+    )
+    parent = mlflow.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["trials_on_published_grid"] == len(on_grid) and parent.data.metrics["trials_pruned"] == 0
+
+
+def test_an_older_studys_trial_on_the_published_grid_is_not_chosen_as_best(base):
+    grid = "model.published_grid={bits:4,symmetric:false,granularity:group,group_size:32,zero_point_domain:float}"
+    overrides = [*base[1], "method=group_wise", grid]
+    study = optuna.create_study()
+    for value, settings in ((1e-4, ["method.group_size=32", 'method.zero_point_domain="float"']), (1e-2, [])):
+        # written before trials carried the on_published_grid mark
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"overrides": settings}))
+    assert tune.best_trial(study, overrides).value == 1e-2
+
+
+def _open(base, name: str, storage: str, cfg=None):
+    overrides = [*base[1], "method=group_wise", f"tune.study_name={name}", f"tune.storage={storage}", SCALE_SPACE]
+    cfg = tune.compose_config(overrides)
+    space = tune.check_space(cfg)
+    return tune.open_study(cfg, name, space, ["kl_vs_ref"], [o for o in overrides if not o.startswith("tune.")])
+
+
+SCALE_SPACE = "search.params=[{name:method.scale_dtype,choices:[float16,float32]}]"
+FLOAT32 = {"method.scale_dtype": "float32"}
+DISTRIBUTIONS = {"method.scale_dtype": optuna.distributions.CategoricalDistribution(["float16", "float32"])}
+
+
+def test_every_study_holds_the_preset_once_a_resumed_one_too(base, tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    first, again = _open(base, "s", storage), _open(base, "s", storage)  # two workers opening one study
+    presets = [t for t in again.trials if t.user_attrs.get("preset")]
+    assert len(presets) == 1 and first.trials[0].number == presets[0].number
+    # a study resumed from before the preset was enqueued: its trials kept, the preset added
+    older = optuna.create_study(study_name="old", storage=storage)
+    older.add_trial(optuna.trial.create_trial(params=FLOAT32, distributions=DISTRIBUTIONS, value=0.5))
+    resumed = _open(base, "old", storage)
+    assert [t.state for t in resumed.trials] == [COMPLETE, optuna.trial.TrialState.WAITING]
+    assert resumed.trials[1].user_attrs["preset"] and len(_open(base, "old", storage).trials) == 2
+    # one whose preset already ran without the mark (sampled): found by its params, not added again
+    sampled = optuna.create_study(study_name="sampled", storage=storage)
+    preset = {"method.scale_dtype": "float16"}
+    sampled.add_trial(optuna.trial.create_trial(params=preset, distributions=DISTRIBUTIONS, value=0.5))
+    assert len(_open(base, "sampled", storage).trials) == 1
+
+
+def test_the_tuned_config_says_how_its_best_compares_with_the_preset():
+    def study_with(preset_state, preset_value, other_value):
+        study = optuna.create_study()
+        study.set_user_attr("objectives", ["kl_vs_ref"])
+        value = preset_value if preset_state == COMPLETE else None
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=preset_state,
+                value=value,
+                params={"method.scale_dtype": "float16"},
+                distributions=DISTRIBUTIONS,
+                user_attrs={"preset": True},
+            )
+        )
+        study.add_trial(optuna.trial.create_trial(value=other_value, params=FLOAT32, distributions=DISTRIBUTIONS))
+        return study
+
+    preset = {"method.scale_dtype": "float16"}
+    study = study_with(COMPLETE, 0.5, 0.3)
+    assert tune.versus_preset(study, study.trials[1], preset) == {
+        "tuned_objective": "kl_vs_ref",
+        "tuned_best_value": 0.3,
+        "tuned_preset_value": 0.5,
+        "tuned_vs_preset": "better",
+    }
+    assert tune.versus_preset(study, study.trials[0], preset)["tuned_vs_preset"] == "same"
+    study = study_with(COMPLETE, 0.2, 0.3)
+    assert tune.versus_preset(study, study.trials[1], preset)["tuned_vs_preset"] == "worse"
+    study = study_with(optuna.trial.TrialState.FAIL, None, 0.3)
+    tags = tune.versus_preset(study, study.trials[1], preset)
+    assert tags["tuned_vs_preset"] == "preset_not_measured" and "tuned_preset_value" not in tags
+
+
+def test_tune_composes_a_named_experiment_last_and_keeps_its_own_mlflow_experiment(base):
+    cfg = tune.compose_config(["experiment=smoke"])
+    # smoke's settings win over tune.yaml's protocol (512 tokens, not 4096), its method preset applies
+    assert cfg.eval.tokens == 512 and cfg.method.name == "group_wise" and cfg.search.params
+    assert cfg.tracking.experiment == "tune"  # the trials do not join smoke's report
+    assert tune.compose_config(["experiment=smoke", "eval.tokens=256"]).eval.tokens == 256  # the command line wins
+    assert tune.compose_config([*base[1], "experiment=smoke", "tracking.experiment=mine"]).tracking.experiment == "mine"
+    assert tune.compose_config([*base[1], "experiment=smoke", "method=gptq"]).method.name == "gptq"
+    plain = tune.compose_config(["method=group_wise"])
+    assert plain.eval.tokens == 4096 and plain.tracking.experiment == "tune"
+    with pytest.raises(ValueError, match="experiment compare is a sweep over method=fp,.*tunes one method"):
+        tune.compose_config(["experiment=compare"])
+
+
+def test_a_study_on_an_experiment_writes_a_tuned_config_that_includes_it(base, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(
+        tune.run, "tracked_run", _fake_run(calls, lambda c: 0.1 if c.method.scale_dtype == "float32" else 0.2)
+    )
+    name, overrides = _study(base, "experiment=smoke", "tune.n_trials=2", SCALE_SPACE)
+    study = tune.tune(overrides)
+    assert study.user_attrs["base_experiment"] == "smoke" and {c.data.calibration.num_samples for c in calls} == {4}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{base[0]}/conf]", f"experiment=tuned/{name}"])
+    assert cfg.data.calibration.num_samples == 4 and cfg.eval.tasks.limit == 8  # smoke's settings kept
+    assert cfg.eval.tokens == 256 and "search" not in cfg  # the study's overrides too, but not its search space
+    assert cfg.method.scale_dtype == "float32" and cfg.tracking.experiment == "tuned"
+    assert cfg.tracking.tags.tuned_vs_preset == "better"
