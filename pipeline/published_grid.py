@@ -64,7 +64,7 @@ def on_published_grid(method: Mapping, model_cfg: Mapping, layer_weights: Mappin
 def _selected_layer_weights(model_path: str, trust_remote_code: bool, layers_json: str) -> dict[str, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.quantize import float_weight, select_layers
+    from pipeline.layers import float_weight, select_layers
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):  # shapes only: no weights are read or allocated

@@ -1,4 +1,4 @@
-"""Quantize stage: choose the layers, turn the method config into specs, replace the layers.
+"""Quantize stage: turn the method config into specs, replace the selected layers (``pipeline.layers``).
 
 A method is data: bits, symmetry, granularity, group size, zero-point domain, scale dtype,
 optional activation quantization, and the algorithm that picks the integer codes (``rtn`` here;
@@ -8,21 +8,20 @@ algorithms that use calibration data plug into ``ALGORITHMS`` without touching t
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from pipeline.algorithms.awq import apply_awq
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
-from pipeline.algorithms.sequential import LayerInputs, run_blocks, text_decoder
+from pipeline.algorithms.sequential import LayerInputs, run_blocks
 from pipeline.calibrate import ActivationStats, activation_qparams
+from pipeline.layers import check_group_size, float_weight, select_layers, weight_matrices
 from pipeline.profile import torch_threads
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
@@ -93,206 +92,6 @@ def check_granularity(method: Mapping) -> None:
             f"method.group_size={group_size} only applies to granularity=group "
             f"(this method is {granularity}); also set method.granularity=group"
         )
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(8, n + 1) if n % d == 0]
-
-
-def check_group_size(method: Mapping, layers: Mapping[str, nn.Module]) -> None:
-    """Fail before any work if the group size does not divide some selected layer's inputs."""
-    if method["granularity"] != "group":
-        return
-    group_size = method["group_size"]
-    in_features = {name: _in_out(m)[0] for name, m in layers.items()}
-    bad = {name: k for name, k in in_features.items() if group_size is None or k % group_size}
-    if bad:
-        name, k = next(iter(bad.items()))
-        raise ValueError(
-            f"group_size {group_size} does not divide in_features {k} of layer {name} "
-            f"({len(bad)} layers affected); group sizes that fit every selected layer: "
-            f"{', '.join(map(str, valid_group_sizes(layers)))}"
-        )
-
-
-def valid_group_sizes(layers: Mapping[str, nn.Module]) -> list[int]:
-    """Group sizes that divide the inputs of every layer in ``layers``."""
-    return _divisors(math.gcd(*(_in_out(m)[0] for m in layers.values())))
-
-
-# -- layer selection ---------------------------------------------------------------------------
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
-
-
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whatever layer type holds it."""
-    w = module.weight.detach()
-    return w.t().contiguous() if isinstance(module, Conv1D) else w
-
-
-LINEAR_TYPES = (nn.Linear, Conv1D, FakeQuantLinear)  # what a QuantLinear can replace
-SCOPES = ("text_decoder", "all")
-KNOWING_EXCLUSION = "matched by layers.exclude"
-FUSED_EXPERTS = "fused MoE experts (3-D parameter): no QuantLinear for it"
-
-
-@dataclass
-class WeightMatrix:
-    """One weight matrix of a model: a linear layer, named by its module, with shape (out, in); or
-    any other floating parameter of two or more dimensions, named by the parameter."""
-
-    name: str
-    module: nn.Module
-    shape: tuple[int, ...]
-    tensor: torch.Tensor | None  # the float tensor; None once the layer is a QuantLinear
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
-    """Every weight matrix of ``model`` (tied tensors appear once per module that holds them)."""
-    matrices = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            matrices.append(WeightMatrix(name, module, (module.out_features, module.in_features), None))
-        elif isinstance(module, LINEAR_TYPES):
-            matrices.append(WeightMatrix(name, module, tuple(float_weight(module).shape), module.weight))
-        else:
-            for param_name, p in module.named_parameters(recurse=False):
-                if p.dim() >= 2 and p.is_floating_point():
-                    full = f"{name}.{param_name}" if name else param_name
-                    matrices.append(WeightMatrix(full, module, tuple(p.shape), p))
-    return matrices
-
-
-def _inside(name: str, prefix: str) -> bool:
-    return not prefix or name == prefix or name.startswith(prefix + ".")
-
-
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
-
-
-def _is_embedding(matrix: WeightMatrix, lm_head: nn.Module | None) -> bool:
-    """Input or output embeddings: kept on purpose, so outside the coverage check."""
-    return isinstance(matrix.module, nn.Embedding) or (lm_head is not None and matrix.module is lm_head)
-
-
-def _not_linear_reason(matrix: WeightMatrix) -> str:
-    if len(matrix.shape) == 3 and "expert" in f"{matrix.name} {type(matrix.module).__name__}".lower():
-        return FUSED_EXPERTS
-    return (
-        f"{len(matrix.shape)}-D parameter of {type(matrix.module).__name__}, not a linear layer: no QuantLinear for it"
-    )
-
-
-def select_layers(
-    model: nn.Module, cfg: Mapping, *, check_coverage: bool = True
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Linear layers to quantize, and why each other weight matrix stays float (name -> reason).
-
-    Every weight matrix of the model is in one of the two (see ``weight_matrices``). With
-    ``check_coverage``, a selection that would leave more than ``layers.max_unquantized_share`` of
-    the text decoder's weights (embeddings and lm_head aside) float, other than by ``layers.exclude``,
-    is refused before any work.
-    """
-    if cfg["scope"] not in SCOPES:
-        raise ValueError(f"layers.scope must be one of {', '.join(SCOPES)}, got {cfg['scope']!r}")
-    include = [re.compile(p) for p in cfg["include"]]
-    exclude = [re.compile(p) for p in cfg["exclude"]]
-    lm_head = _output_embeddings(model)
-    decoder_name, _ = text_decoder(model)
-    matrices = weight_matrices(model)
-    selected, kept = {}, {}
-    for matrix in matrices:
-        name, module = matrix.name, matrix.module
-        excluded = any(p.fullmatch(name) for p in exclude)
-        if module is lm_head and not cfg["quantize_lm_head"]:
-            kept[name] = "lm_head kept (layers.quantize_lm_head=false)"
-        elif module is not lm_head and cfg["scope"] == "text_decoder" and not _inside(name, decoder_name):
-            vision = re.search(r"vision|visual|image", name, re.IGNORECASE)
-            kept[name] = "vision tower (outside the text decoder)" if vision else "outside the text decoder"
-        elif isinstance(module, nn.Embedding):
-            kept[name] = "embedding"
-        elif not isinstance(module, LINEAR_TYPES):
-            why = _not_linear_reason(matrix)
-            kept[name] = f"{KNOWING_EXCLUSION} ({why})" if excluded else why
-        elif excluded:  # before include: an explicit exclusion is the knowing reason
-            kept[name] = KNOWING_EXCLUSION
-        elif module is not lm_head and not any(p.fullmatch(name) for p in include):
-            kept[name] = "not matched by layers.include"
-        else:
-            selected[name] = module
-    if not selected:
-        linear = [m.name for m in matrices if isinstance(m.module, LINEAR_TYPES)]
-        raise ValueError(
-            f"no layer matches layers.include={list(cfg['include'])}; linear layers of this model "
-            f"are named like: {', '.join(linear[:5])}"
-        )
-    if check_coverage:
-        _check_coverage(matrices, kept, decoder_name, lm_head, float(cfg["max_unquantized_share"]))
-    return selected, kept
-
-
-def _exclude_pattern(name: str) -> str:
-    """A regex for ``name`` in every block: dots escaped, layer indices generalized to ``\\d+``."""
-    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
-
-
-def _check_coverage(
-    matrices: list[WeightMatrix], kept: Mapping[str, str], decoder_name: str, lm_head: nn.Module | None, limit: float
-) -> None:
-    body = [m for m in matrices if _inside(m.name, decoder_name) and not _is_embedding(m, lm_head)]
-    left_out = [m for m in body if m.name in kept and not kept[m.name].startswith(KNOWING_EXCLUSION)]
-    total, unquantized = sum(m.numel for m in body), sum(m.numel for m in left_out)
-    if not total or unquantized / total <= limit:
-        return
-    examples = "; ".join(f"{m.name} {m.shape}: {kept[m.name]}" for m in left_out[:3])
-    patterns = ", ".join(f"'{p}'" for p in dict.fromkeys(_exclude_pattern(m.name) for m in left_out))
-    raise ValueError(
-        f"{unquantized / total:.0%} of the text decoder's weights (embeddings and lm_head aside; {unquantized:,} of "
-        f"{total:,}) would stay unquantized, more than layers.max_unquantized_share={limit}: {len(left_out)} "
-        f"matrices, e.g. {examples}. Linear layers can be added with layers.include; parameters without a "
-        f"QuantLinear (e.g. fused MoE experts) cannot be quantized here. To run anyway, exclude them knowingly "
-        f"(they are then listed as excluded and the figures say what share they cover): "
-        f"layers.exclude=[{patterns}]"
-    )
-
-
-def coverage_metrics(model: nn.Module) -> dict[str, float]:
-    """What share of the text decoder's weights the quantized layers (and so bits_per_weight) cover.
-
-    ``quantized_weight_share`` counts every weight matrix of the text decoder, embeddings and
-    lm_head included (tied tensors once); ``..._excl_embeddings`` leaves those out, as the check does.
-    """
-    decoder_name, _ = text_decoder(model)
-    lm_head = _output_embeddings(model)
-    seen: set[int] = set()
-    total = quantized = body_total = body_quantized = 0
-    for m in weight_matrices(model):
-        if not (_inside(m.name, decoder_name) or (lm_head is not None and m.module is lm_head)):
-            continue
-        if m.tensor is not None:
-            if m.tensor.data_ptr() in seen:
-                continue
-            seen.add(m.tensor.data_ptr())
-        is_quantized = isinstance(m.module, QuantLinear)
-        total += m.numel
-        quantized += m.numel * is_quantized
-        if not _is_embedding(m, lm_head):
-            body_total += m.numel
-            body_quantized += m.numel * is_quantized
-    return {
-        "quantized_weight_share": quantized / total if total else 0.0,
-        "quantized_weight_share_excl_embeddings": body_quantized / body_total if body_total else 0.0,
-        "unquantized_decoder_params": float(total - quantized),
-    }
 
 
 # -- algorithms --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, generation, profile, published_grid, quantize, tasks, tracking, train
+from pipeline import calibrate, evaluate, generation, layers, profile, published_grid, quantize, tasks, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -171,8 +171,8 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
     quantizing = method["algorithm"] != "none"
     if quantizing:
-        selected, _ = quantize.select_layers(model, container["layers"])
-        quantize.check_group_size(method, selected)
+        selected, _ = layers.select_layers(model, container["layers"])
+        layers.check_group_size(method, selected)
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
@@ -204,7 +204,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
             "quantize_s": time.perf_counter() - start,
             "dequant_layers": float(sum(r.kernel == "dequant" for r in records)),
             **profile.memory_metrics(model, n_params, ref_bytes),
-            **quantize.coverage_metrics(model),  # the share of the decoder that bits_per_weight covers
+            **layers.coverage_metrics(model),  # the share of the decoder that bits_per_weight covers
         }
     )
     if probe is not None:
@@ -301,7 +301,7 @@ def _train_qat(model, selected: dict, method: dict, batches, container: dict, se
     train.check_options(options)
     teacher = load_model(container["model"])[0] if options["loss"] == "kd" else None
     spec = quantize.weight_spec(method)
-    fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), quantize.float_weight, spec)
+    fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), layers.float_weight, spec)
     train.fit(model, fakes, batches, options, seed, teacher, log_step=lambda step, m: mlflow.log_metrics(m, step=step))
     return time.perf_counter() - start
 

@@ -50,7 +50,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import evaluate, published_grid, quantize, run
+from pipeline import evaluate, layers, published_grid, run
 from pipeline.cli import guard
 from pipeline.load import load_model, resolve_model_path
 from pipeline.tracking import REPO
@@ -140,8 +140,8 @@ def check_space(cfg: DictConfig) -> list[dict]:
 def _valid_choices(cfg: DictConfig, choices: list) -> list:
     """Keep the group sizes that divide every selected layer's inputs (the model is loaded once for its shapes)."""
     model, _ = load_model(OmegaConf.to_container(cfg.model, resolve=True))
-    layers, _ = quantize.select_layers(model, OmegaConf.to_container(cfg.layers, resolve=True))
-    valid = quantize.valid_group_sizes(layers)
+    selected, _ = layers.select_layers(model, OmegaConf.to_container(cfg.layers, resolve=True))
+    valid = layers.valid_group_sizes(selected)
     kept = [c for c in choices if c in valid]
     if not kept:
         raise ValueError(

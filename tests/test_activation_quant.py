@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg
 
-from pipeline import calibrate, quantize
+from pipeline import calibrate, layers, quantize
 from pipeline.calibrate import ActivationStats, activation_qparams, observe_range
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, dequantize
@@ -158,7 +158,7 @@ def test_static_observers_give_asymmetric_ranges(observer):
 )
 def test_method_config_sets_the_grid_that_each_layer_records(llama, name, overrides, grid):
     method = method_cfg(name, *overrides)
-    names = list(quantize.select_layers(llama, layers_cfg())[0])
+    names = list(layers.select_layers(llama, layers_cfg())[0])
     batches = torch.randint(0, llama.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     stats = calibrate.collect_activation_stats(llama, names, batches, seed=0)
     records = quantize.quantize_model(llama, method, layers_cfg(), stats=stats)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import quantize, train
+from pipeline import layers, quantize, train
 from pipeline.algorithms import awq, sequential
 from pipeline.quant.primitives import QuantSpec
 
@@ -32,7 +32,7 @@ def test_decoder_blocks_and_recorded_inputs():
     model = tiny_llama()
     prefix, blocks = sequential.decoder_blocks(model)
     assert prefix == "model.layers" and len(blocks) == 2
-    names = list(quantize.select_layers(model, layers_cfg())[0])
+    names = list(layers.select_layers(model, layers_cfg())[0])
     seen = {}
     sequential.run_blocks(model, names, BATCHES, lambda b, inputs, _s: seen.update(inputs), hessian=True)
     q, o, down = (seen[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"))
@@ -162,11 +162,11 @@ def test_hqq_refuses_an_integer_zero_point():
 
 def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
     model = tiny_llama()
-    selected, _ = quantize.select_layers(model, layers_cfg())
+    selected, _ = layers.select_layers(model, layers_cfg())
     method = method_cfg(
         "qat", "method.train.steps=8", "method.train.lr=1e-3", "method.train.loss=ce", "method.train.warmup_fraction=0"
     )
-    fakes = train.prepare(model, selected, method, True, quantize.float_weight, quantize.weight_spec(method))
+    fakes = train.prepare(model, selected, method, True, layers.float_weight, quantize.weight_spec(method))
     batch = BATCHES[:2]
     fake = next(iter(fakes.values()))
     weight, scale = fake.weight.detach().clone(), fake.scale.detach().clone()
@@ -191,8 +191,8 @@ def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
 def test_qat_runs_at_low_bits_with_distillation(bits):
     model, teacher = tiny_llama(), tiny_llama()
     method = method_cfg("qat", f"method.bits={bits}", "method.group_size=32", "method.train.steps=2")
-    selected, _ = quantize.select_layers(model, layers_cfg())
-    fakes = train.prepare(model, selected, method, False, quantize.float_weight, quantize.weight_spec(method))
+    selected, _ = layers.select_layers(model, layers_cfg())
+    fakes = train.prepare(model, selected, method, False, layers.float_weight, quantize.weight_spec(method))
     losses = train.fit(model, fakes, BATCHES, method["train"], seed=0, teacher=teacher)
     assert len(losses) == 2 and all(loss >= 0 for loss in losses)
 
@@ -232,7 +232,7 @@ def test_awq_scaling_and_folding_keep_the_float_function(build):
     model = build()
     with torch.no_grad():
         reference = model(input_ids=BATCHES).logits
-    names = list(quantize.select_layers(model, layers_cfg())[0])
+    names = list(layers.select_layers(model, layers_cfg())[0])
     method = method_cfg("activation_aware")
     spec = quantize.weight_spec(method)
     options = {**method["awq"], "clip": False}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import quantize
+from pipeline import layers, quantize
 from pipeline.algorithms import sequential
 from pipeline.quant.linear import QuantLinear
 
@@ -112,7 +112,7 @@ def test_coverage_figures_say_what_share_of_the_decoder_is_quantized():
     attention = 2 * (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32)
     experts_and_router = 2 * (4 * 128 * 32 + 4 * 32 * 64 + 4 * 32)
     embeddings = 2 * 128 * 32  # embed_tokens and an untied lm_head
-    metrics = quantize.coverage_metrics(model)
+    metrics = layers.coverage_metrics(model)
     assert metrics["quantized_weight_share"] == pytest.approx(attention / (attention + experts_and_router + embeddings))
     assert metrics["quantized_weight_share_excl_embeddings"] == pytest.approx(
         attention / (attention + experts_and_router)
@@ -123,7 +123,7 @@ def test_coverage_figures_say_what_share_of_the_decoder_is_quantized():
 def test_coverage_of_a_dense_model_counts_tied_embeddings_once(llama):
     quantize.quantize_model(llama, method_cfg("group_wise"), layers_cfg())
     linear = 2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 64 * 128)
-    metrics = quantize.coverage_metrics(llama)
+    metrics = layers.coverage_metrics(llama)
     assert metrics["quantized_weight_share"] == pytest.approx(linear / (linear + 512 * 64))
     assert metrics["quantized_weight_share_excl_embeddings"] == 1.0
     assert metrics["unquantized_decoder_params"] == 512 * 64
@@ -131,18 +131,18 @@ def test_coverage_of_a_dense_model_counts_tied_embeddings_once(llama):
 
 def test_a_narrow_include_is_refused_unless_the_rest_is_excluded_knowingly(llama):
     with pytest.raises(ValueError, match=r"67% of the text decoder's weights .* not matched by layers.include"):
-        quantize.select_layers(llama, layers_cfg("layers.include=[.*self_attn.*]"))
-    selected, kept = quantize.select_layers(
+        layers.select_layers(llama, layers_cfg("layers.include=[.*self_attn.*]"))
+    selected, kept = layers.select_layers(
         llama, layers_cfg("layers.include=[.*self_attn.*]", "layers.exclude=[.*mlp.*]")
     )
     assert len(selected) == 8 and kept["model.layers.1.mlp.up_proj"] == "matched by layers.exclude"
     # or a looser limit
-    quantize.select_layers(llama, layers_cfg("layers.include=[.*self_attn.*]", "layers.max_unquantized_share=0.7"))
+    layers.select_layers(llama, layers_cfg("layers.include=[.*self_attn.*]", "layers.max_unquantized_share=0.7"))
 
 
 def test_vision_tower_is_left_out_by_default_and_listed():
     model = tiny_llava()
-    selected, kept = quantize.select_layers(model, layers_cfg())
+    selected, kept = layers.select_layers(model, layers_cfg())
     assert len(selected) == 2 * 7 and all(n.startswith("model.language_model.layers.") for n in selected)
     assert kept["model.vision_tower.encoder.layers.0.self_attn.q_proj"] == "vision tower (outside the text decoder)"
     assert kept["model.vision_tower.embeddings.patch_embedding.weight"] == "vision tower (outside the text decoder)"
@@ -150,13 +150,13 @@ def test_vision_tower_is_left_out_by_default_and_listed():
     assert kept["model.language_model.embed_tokens.weight"] == "embedding"
     records = quantize.quantize_model(model, method_cfg("group_wise", "method.group_size=32"), layers_cfg())
     _assert_every_matrix_listed(model, records)
-    every = quantize.select_layers(tiny_llava(), layers_cfg("layers.scope=all"))[0]
+    every = layers.select_layers(tiny_llava(), layers_cfg("layers.scope=all"))[0]
     assert "model.vision_tower.encoder.layers.2.mlp.fc1" in every and len(every) == 2 * 7 + 3 * 6
 
 
 def test_unknown_scope_is_refused(llama):
     with pytest.raises(ValueError, match="layers.scope must be one of text_decoder, all"):
-        quantize.select_layers(llama, layers_cfg("layers.scope=vision"))
+        layers.select_layers(llama, layers_cfg("layers.scope=vision"))
 
 
 def test_block_calibration_runs_in_the_text_decoder_of_a_vlm():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import calibrate, evaluate, profile, quantize
+from pipeline import calibrate, evaluate, layers, profile, quantize
 from pipeline.quant.linear import QuantLinear
 
 METHODS = [
@@ -35,10 +35,10 @@ def test_no_two_presets_are_the_same_config():
 
 
 def test_default_selection_is_every_decoder_linear_and_keeps_lm_head(llama):
-    selected, kept = quantize.select_layers(llama, layers_cfg())
+    selected, kept = layers.select_layers(llama, layers_cfg())
     assert len(selected) == 2 * 7  # q k v o gate up down per block
     assert kept == {"model.embed_tokens.weight": "embedding", "lm_head": "lm_head kept (layers.quantize_lm_head=false)"}
-    selected, kept = quantize.select_layers(llama, layers_cfg("layers.exclude=[.*mlp.*]"))
+    selected, kept = layers.select_layers(llama, layers_cfg("layers.exclude=[.*mlp.*]"))
     assert len(selected) == 2 * 4
     assert {k for k, reason in kept.items() if reason == "matched by layers.exclude"} == {
         f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")
@@ -47,13 +47,13 @@ def test_default_selection_is_every_decoder_linear_and_keeps_lm_head(llama):
 
 def test_selection_that_matches_nothing_says_what_layers_exist(llama):
     with pytest.raises(ValueError, match=r"no layer matches .* named like: .*q_proj"):
-        quantize.select_layers(llama, layers_cfg("layers.include=[nothing]"))
+        layers.select_layers(llama, layers_cfg("layers.include=[nothing]"))
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_preset_quantizes_and_runs(name, llama):
     method = method_cfg(name)
-    names = list(quantize.select_layers(llama, layers_cfg())[0])
+    names = list(layers.select_layers(llama, layers_cfg())[0])
     stats = _stats(llama, names) if quantize.needs_calibration(method) else None
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
     before = llama(input_ids=ids).logits
@@ -92,7 +92,7 @@ def test_override_bits_and_granularity_on_any_method(llama):
 
 
 def test_observers_order_and_static_scale(llama):
-    names = list(quantize.select_layers(llama, layers_cfg())[0])
+    names = list(layers.select_layers(llama, layers_cfg())[0])
     stats = _stats(llama, names)
     s = stats[names[0]]
     spec = quantize.activation_quant(method_cfg("ptq_static")).spec
@@ -105,7 +105,7 @@ def test_observers_order_and_static_scale(llama):
 
 
 def test_calibration_is_reproducible(llama):
-    names = list(quantize.select_layers(llama, layers_cfg())[0])[:2]
+    names = list(layers.select_layers(llama, layers_cfg())[0])[:2]
     a, b = _stats(llama, names, seed=5), _stats(llama, names, seed=5)
     assert torch.equal(torch.cat(a[names[0]].samples), torch.cat(b[names[0]].samples))
 
