@@ -49,6 +49,18 @@ ARTICLE = {
 # Tables
 
 
+def _speed_columns(runs: pd.DataFrame) -> dict[str, pd.Series]:
+    """Decode speed and the speed-up vs the reference, its interval, noise floor and verdict (raw values)."""
+    return {
+        "decode tok/s": num(runs, "metrics.decode_tok_s"),
+        "speed-up": num(runs, "metrics.speedup_vs_ref"),
+        "speed-up lo": num(runs, "metrics.speedup_vs_ref_ci_low"),
+        "speed-up hi": num(runs, "metrics.speedup_vs_ref_ci_high"),
+        "speed noise %": num(runs, "metrics.speed_noise_pct"),
+        "speed-up is win": num(runs, "metrics.speedup_is_win"),
+    }
+
+
 def method_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per method run (the reference first), raw values (intervals as lo/hi columns); missing stay NaN."""
     acc = accuracy(runs)
@@ -79,12 +91,7 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "weight MB": num(runs, "metrics.weight_mb"),
             "mem -% layers": 100 * (1 - bpw / 16),  # vs fp16 over the quantized layers
             "mem -% model": num(runs, "metrics.mem_reduction_vs_fp16_pct"),
-            "decode tok/s": num(runs, "metrics.decode_tok_s"),
-            "speed-up": num(runs, "metrics.speedup_vs_ref"),
-            "speed-up lo": num(runs, "metrics.speedup_vs_ref_ci_low"),
-            "speed-up hi": num(runs, "metrics.speedup_vs_ref_ci_high"),
-            "speed noise %": num(runs, "metrics.speed_noise_pct"),
-            "speed-up is win": num(runs, "metrics.speedup_is_win"),
+            **_speed_columns(runs),
             "stability (std)": acc["std"],
             "tuned settings": [
                 tuned_cell(*cells)
@@ -106,6 +113,22 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order.index].reset_index(drop=True)
 
 
+def _interval_cells(table: pd.DataFrame, name: str, fmt: str) -> list[str]:
+    """'value [lo, hi]' per row, from the columns ``name``, ``name lo`` and ``name hi``."""
+    return [interval(*v, fmt) for v in zip(table[name], table[f"{name} lo"], table[f"{name} hi"])]
+
+
+def _memory_cells(table: pd.DataFrame) -> list[str]:
+    """'layers / model' per row: memory reduction vs fp16 in %, over the quantized layers and the whole model."""
+    return [f"{cell(a, '{:.0f}')} / {cell(b, '{:.0f}')}" for a, b in zip(table["mem -% layers"], table["mem -% model"])]
+
+
+def _speed_cells(table: pd.DataFrame) -> list[str]:
+    """The speed-up per row with its interval, marked where it is not a win (see ``speed_cell``)."""
+    columns = ("speed-up", "speed-up lo", "speed-up hi", "speed noise %", "speed-up is win")
+    return [speed_cell(*v) for v in zip(*(table[c] for c in columns))]
+
+
 def method_cells(table: pd.DataFrame) -> pd.DataFrame:
     """The method table as it reads in methods.md: intervals next to their figures, flags marked."""
     t = table
@@ -117,24 +140,17 @@ def method_cells(table: pd.DataFrame) -> pd.DataFrame:
             "algorithm": [cell(v, "{}") for v in t["algorithm"]],
             "setting": t["setting"],
             "bits/weight": [cell(v, "{:.2f}") for v in t["bits/weight"]],
-            "Δppl % [95% CI]": [interval(*v, "{:+.1f}") for v in zip(t["Δppl %"], t["Δppl % lo"], t["Δppl % hi"])],
+            "Δppl % [95% CI]": _interval_cells(t, "Δppl %", "{:+.1f}"),
             "≈ Δppl (same bits)": t["≈ Δppl (same bits)"],
-            "KL [95% CI]": [interval(*v, "{:.4f}") for v in zip(t["KL"], t["KL lo"], t["KL hi"])],
+            "KL [95% CI]": _interval_cells(t, "KL", "{:.4f}"),
             "acc drop % [95% CI]": [
                 drop_cell(*v)
                 for v in zip(t["acc drop %"], t["acc drop % lo"], t["acc drop % hi"], t["acc drop significant"])
             ],
             "weight MB": [cell(v, "{:.1f}") for v in t["weight MB"]],
-            "mem -% layers / model": [
-                f"{cell(a, '{:.0f}')} / {cell(b, '{:.0f}')}" for a, b in zip(t["mem -% layers"], t["mem -% model"])
-            ],
+            "mem -% layers / model": _memory_cells(t),
             "decode tok/s": [cell(v, "{:.1f}") for v in t["decode tok/s"]],
-            "speed-up [95% CI]": [
-                speed_cell(*v)
-                for v in zip(
-                    t["speed-up"], t["speed-up lo"], t["speed-up hi"], t["speed noise %"], t["speed-up is win"]
-                )
-            ],
+            "speed-up [95% CI]": _speed_cells(t),
             "speed noise": [cell(v, "±{:.1f}%") for v in t["speed noise %"]],
             "stability (std)": [cell(v, "±{:.3g}") for v in t["stability (std)"]],
             "tuned settings": t["tuned settings"],
@@ -220,17 +236,11 @@ def precision_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def formatted(table: pd.DataFrame, formats: dict[str, str] | None = None) -> pd.DataFrame:
-    """Every cell as text; a missing value is '-'."""
-    formats = formats or {}
-    return pd.DataFrame({c: [cell(v, formats.get(c, "{}")) for v in table[c]] for c in table.columns})
-
-
-def to_markdown(table: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
-    text = formatted(table, formats)
-    lines = ["| " + " | ".join(text.columns) + " |", "|" + "---|" * len(text.columns)]
-    for row in text.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+def to_markdown(table: pd.DataFrame) -> str:
+    """A markdown table of the cells; a missing value is '-', a '|' inside a cell is escaped."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v, "{}").replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -301,12 +311,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             "KL lo": num(runs, "metrics.kl_vs_ref_ci_low"),
             "KL hi": num(runs, "metrics.kl_vs_ref_ci_high"),
             "top-1": num(runs, "metrics.top1_agree"),
-            "decode tok/s": num(runs, "metrics.decode_tok_s"),
-            "speed-up": num(runs, "metrics.speedup_vs_ref"),
-            "speed-up lo": num(runs, "metrics.speedup_vs_ref_ci_low"),
-            "speed-up hi": num(runs, "metrics.speedup_vs_ref_ci_high"),
-            "speed noise %": num(runs, "metrics.speed_noise_pct"),
-            "speed-up is win": num(runs, "metrics.speedup_is_win"),
+            **_speed_columns(runs),
             "kernels": col(runs, "tags.kernels"),
             "notes": notes(runs),
         }
@@ -323,20 +328,13 @@ def comparison_cells(table: pd.DataFrame) -> pd.DataFrame:
             "run": [cell(v, "{}") for v in t["run"]],
             "bits/weight": [cell(v, "{:.2f}") for v in t["bits/weight"]],
             "weight MB": [cell(v, "{:.1f}") for v in t["weight MB"]],
-            "mem -% vs fp16 (layers / model)": [
-                f"{cell(a, '{:.0f}')} / {cell(b, '{:.0f}')}" for a, b in zip(t["mem -% layers"], t["mem -% model"])
-            ],
-            "ppl [95% CI]": [interval(*v, "{:.2f}") for v in zip(t["ppl"], t["ppl lo"], t["ppl hi"])],
-            "Δppl % [95% CI]": [interval(*v, "{:+.1f}") for v in zip(t["Δppl %"], t["Δppl % lo"], t["Δppl % hi"])],
-            "KL [95% CI]": [interval(*v, "{:.4f}") for v in zip(t["KL"], t["KL lo"], t["KL hi"])],
+            "mem -% vs fp16 (layers / model)": _memory_cells(t),
+            "ppl [95% CI]": _interval_cells(t, "ppl", "{:.2f}"),
+            "Δppl % [95% CI]": _interval_cells(t, "Δppl %", "{:+.1f}"),
+            "KL [95% CI]": _interval_cells(t, "KL", "{:.4f}"),
             "top-1": [cell(v, "{:.3f}") for v in t["top-1"]],
             "decode tok/s": [cell(v, "{:.1f}") for v in t["decode tok/s"]],
-            "speed-up [95% CI]": [
-                speed_cell(*v)
-                for v in zip(
-                    t["speed-up"], t["speed-up lo"], t["speed-up hi"], t["speed noise %"], t["speed-up is win"]
-                )
-            ],
+            "speed-up [95% CI]": _speed_cells(t),
             "kernels": [cell(v, "{}") for v in t["kernels"]],
             "notes": t["notes"],
         }
@@ -457,9 +455,7 @@ def suite_cells(table: pd.DataFrame) -> pd.DataFrame:
             cell(v, "{:.3f}") + ("" if missing(e) or missing(v) else f" ± {e:.3f}")
             for v, e in zip(table[group], table[f"{group} stderr"])
         ]
-    cells["drop % [95% CI]"] = [
-        interval(*v, "{:+.1f}") for v in zip(table["drop %"], table["drop % lo"], table["drop % hi"])
-    ]
+    cells["drop % [95% CI]"] = _interval_cells(table, "drop %", "{:+.1f}")
     cells["significant"] = [{1.0: "yes", 0.0: "no"}.get(v, "-") for v in table["significant"]]
     for column in table.columns:
         if column.startswith("ppl@"):

@@ -46,8 +46,7 @@ def write_report(
         (out_dir / name).write_text(text)
     suite = suite_table(runs)
     if suite is not None:
-        texts["suite.md"] = suite_markdown(experiment, runs, suite)
-        (out_dir / "suite.md").write_text(texts["suite.md"])
+        (out_dir / "suite.md").write_text(suite_markdown(experiment, runs, suite))
         suite.to_csv(out_dir / "suite.csv", index=False)
     methods = method_table(runs)
     methods.to_csv(out_dir / "methods.csv", index=False)
