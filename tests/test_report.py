@@ -261,7 +261,7 @@ def test_precision_table_picks_best_run_per_precision(store):
     )
     # A precision with no run still gets its row; a repeated run shows its spread.
     runs = report.load_runs("fake")
-    only_8 = report.precision_table(runs[report._bits(runs) == 8]).set_index("Precision")
+    only_8 = report.precision_table(runs[report.nominal_bits(runs) == 8]).set_index("Precision")
     assert only_8.loc["4-bit", "best method"] == "no run" and only_8.loc["FP", "best method"] == "no run"
     repeated = report.precision_table(runs[runs["tags.method"] == "ptq_static"]).set_index("Precision")
     assert repeated.loc["8-bit", "Stability"].startswith("±1.41 (ppl std")
