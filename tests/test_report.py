@@ -60,7 +60,7 @@ RUNS = [
         {"method.bits": "4", "method.granularity": "group", "method.group_size": "64"},
         {"ppl": 26.0, "kl_vs_ref": 0.34, "bits_per_weight": 4.31, "weight_mb": 163.0, "decode_tok_s": 21.0,
          "speedup_vs_ref": 2.1, "mem_reduction_vs_fp16_pct": 37.0, "dppl_pct": 30.0, "dppl_pct_ci_low": 26.0,
-         "dppl_pct_ci_high": 34.0},  # an older run would lack the intervals of speed: shown without one
+         "dppl_pct_ci_high": 34.0, "quantized_weight_share": 0.79},  # no speed intervals, as in an older run
     ),
     (
         "m/gptq",  # best 4-bit by KL (no run at 4 bits measured tasks); tuned by a study
@@ -204,6 +204,7 @@ def test_method_table_rows_and_missing_cells(store):
     assert w2["speed-up [95% CI]"] == "-" and w2["gen match"] == "-" and w2["setting"] == "2-bit sym[-1,1] g32"
     assert "≠ git.commit" in w2["notes"]  # another commit than the majority
     assert _row(text, "| per_tensor")["setting"] == "8-bit sym[-128,127] per_tensor"
+    assert _row(text, "| group_wise |")["coverage %"] == "79" and w2["coverage %"] == "-"  # share bits/weight covers
     assert _row(text, "| weight_only")["setting"] == "8-bit per_channel"  # no symmetry logged: none shown
     gptq = _row(text, "| gptq")
     assert gptq["Δppl % [95% CI]"] == "+20.0 [+17.0, +27.0]" and gptq["KL [95% CI]"] == "0.2000 [0.1800, 0.2200]"

@@ -74,6 +74,8 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "algorithm": col(runs, "tags.algorithm"),
             "setting": run_settings(runs),
             "bits/weight": bpw,
+            # the share of the text decoder's weights (embeddings and lm_head included) bits/weight covers
+            "coverage %": 100 * num(runs, "metrics.quantized_weight_share"),
             "ppl": num(runs, "metrics.ppl"),
             "Δppl %": delta_ppl(runs),
             "Δppl % lo": dppl_low,
@@ -140,6 +142,7 @@ def method_cells(table: pd.DataFrame) -> pd.DataFrame:
             "algorithm": [cell(v, "{}") for v in t["algorithm"]],
             "setting": t["setting"],
             "bits/weight": [cell(v, "{:.2f}") for v in t["bits/weight"]],
+            "coverage %": [cell(v, "{:.0f}") for v in t["coverage %"]],
             "Δppl % [95% CI]": _interval_cells(t, "Δppl %", "{:+.1f}"),
             "≈ Δppl (same bits)": t["≈ Δppl (same bits)"],
             "KL [95% CI]": _interval_cells(t, "KL", "{:.4f}"),
@@ -250,6 +253,8 @@ def methods_markdown(experiment: str, runs: pd.DataFrame) -> str:
         + provenance_block(runs)
         + "\nΔppl % = 100·(ppl/ppl_ref − 1) and acc drop % (relative drop of zero-shot task accuracy, "
         "`acc_drop_pct`): vs the reference, lower is better; rows sorted by acc drop where measured, else Δppl. "
+        "coverage %: the share of the text decoder's weights (embeddings and lm_head included) that bits/weight "
+        "covers (`quantized_weight_share`); the rest stays in its float dtype and counts in weight MB. "
         f"{CI_NOTE}; a value without one comes from a run that logged none. "
         "≈ Δppl: the methods at the same nominal bits whose Δppl intervals overlap this one's (not told apart "
         "by this protocol). sig.: the accuracy drop's interval excludes 0. speed-up: decode at batch 1 vs the "
