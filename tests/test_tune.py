@@ -249,9 +249,24 @@ def _fake_run(calls: list, kl):
     return tracked_run
 
 
+def test_a_small_finite_space_runs_every_setting_once_then_stops(base, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(tune.run, "tracked_run", _fake_run(calls, lambda c: 0.1 + c.method.symmetric / 10))
+    # method.symmetric x a scale dtype drawn only when asymmetric: 3 settings, fewer than the 6 trials
+    space = "search.params=[{name:method.symmetric,choices:[true,false]},{name:method.scale_dtype,choices:[float16,float32],when:{method.symmetric:false}}]"  # noqa: E501
+    _, overrides = _study(base, "tune.n_trials=6", space)
+    assert tune.space_size(tune.check_space(tune.compose_config(overrides))) == 3
+    study = tune.tune(overrides)
+    settings = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(calls) == len(settings) == len(set(settings)) == 3  # each once, no repeat, then the study stopped
+    assert tune.space_size([{"name": "x", "low": 0, "high": 1}]) is None  # numeric: not enumerable
+
+
 def test_a_repeated_setting_reuses_the_finished_trial_instead_of_running_again(base, monkeypatch):
     calls: list = []
     monkeypatch.setattr(tune.run, "tracked_run", _fake_run(calls, lambda c: 0.1 + c.method.symmetric / 10))
+    # TPE, as in a space larger than the budget, where it can draw a setting again
+    monkeypatch.setattr(tune, "make_sampler", lambda _space, _n, seed: optuna.samplers.TPESampler(seed=seed))
     space = SCALE_SPACE.replace("[{", "[{name:method.symmetric,choices:[true,false]},{")
     _, overrides = _study(base, "tune.n_trials=6", space)
     study = tune.tune(overrides)
