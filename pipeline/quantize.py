@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,26 +62,37 @@ def weight_spec(method: Mapping) -> QuantSpec:
         raise ValueError(f"method.scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {method['scale_dtype']!r}")
     if method["symmetric"] is None:
         raise ValueError("method.symmetric must be true or false")
-    return QuantSpec(
-        bits=method["bits"],
-        symmetric=bool(method["symmetric"]),
-        zero_point_domain=method["zero_point_domain"],
-        scale_dtype=SCALE_DTYPES[method["scale_dtype"]],
-        symmetric_range=method.get("symmetric_range"),
-    )
+    with _config_key("method"):
+        return QuantSpec(
+            bits=method["bits"],
+            symmetric=bool(method["symmetric"]),
+            zero_point_domain=method["zero_point_domain"],
+            scale_dtype=SCALE_DTYPES[method["scale_dtype"]],
+            symmetric_range=method.get("symmetric_range"),
+        )
 
 
 def activation_quant(method: Mapping) -> ActivationQuant | None:
     act = method.get("activations")
     if not act:
         return None
-    spec = QuantSpec(
-        bits=act["bits"],
-        symmetric=bool(act["symmetric"]),
-        scale_dtype=torch.float32,
-        symmetric_range=method.get("symmetric_range"),
-    )
-    return ActivationQuant(spec=spec, mode=act["mode"])
+    with _config_key("method.activations"):
+        spec = QuantSpec(
+            bits=act["bits"],
+            symmetric=bool(act["symmetric"]),
+            scale_dtype=torch.float32,
+            symmetric_range=method.get("symmetric_range"),
+        )
+        return ActivationQuant(spec=spec, mode=act["mode"])
+
+
+@contextmanager
+def _config_key(prefix: str) -> Iterator[None]:
+    """Name the config section a spec's error comes from (QuantSpec knows its fields, not their keys)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{prefix}: {e}") from e
 
 
 def check_granularity(method: Mapping) -> None:

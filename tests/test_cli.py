@@ -32,7 +32,7 @@ def _one_error_line(done: subprocess.CompletedProcess, message: str) -> None:
 @pytest.mark.parametrize("module", ["pipeline", "pipeline.tune"])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, module):
     done = _cli(tmp_path, module, "method=group_wise", "method.bits=9")
-    _one_error_line(done, "error: bits must be an integer in 2..8, got 9")
+    _one_error_line(done, "error: method: bits must be an integer in 2..8, got 9")
 
 
 def test_debug_shows_the_traceback(tmp_path):

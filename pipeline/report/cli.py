@@ -20,6 +20,12 @@ CONF = tracking.REPO / "conf"
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """``conf/report.yaml`` (which composes ``conf/config.yaml``) with the overrides; a bad override is a ValueError."""
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise ValueError(
+            f"pipeline.report takes Hydra overrides (key=value) like python -m pipeline, not {flags}; "
+            "e.g. experiment=compare, report.experiment=tuned, tracking.uri=..., report.out=DIR"
+        )
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose(config_name="report", overrides=overrides)
