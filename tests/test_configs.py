@@ -61,6 +61,13 @@ def test_no_method_preset_sits_on_the_embedded_models_published_grid(method):
     assert not published_grid.on_published_grid(cfg["method"], cfg["model"]), method
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("tuned/")])
+def test_no_tuned_config_sits_on_the_published_grid(experiment):
+    # a tuned config on the grid reproduces the checkpoint: it says nothing about the method
+    cfg = OmegaConf.to_container(_compose(f"experiment={experiment}"), resolve=True)
+    assert not published_grid.on_published_grid(cfg["method"], cfg["model"]), experiment
+
+
 def _settings(space: list[dict]) -> list[dict]:
     """Every setting of a space: each choice, and both ends of each numeric range (conditions respected)."""
     settings = [{}]
