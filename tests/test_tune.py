@@ -202,26 +202,34 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     running = optuna.trial.TrialState.RUNNING
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base[0]}/mlflow.db")
 
-    def caught_mid_trial() -> bool:  # finished trial(s), then one running with its MLflow run open
+    def trial_states() -> list:
         if name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
-            return False
-        states = [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
-        if not (len(states) >= 2 and states[-1] == running and set(states[:-1]) == {COMPLETE}):
+            return []
+        return [t.state for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+    def running_after_finished(now: list) -> bool:  # finished trial(s), then one running
+        return len(now) >= 2 and now[-1] == running and set(now[:-1]) == {COMPLETE}
+
+    def caught_mid_trial() -> bool:  # ... and its MLflow run is open
+        now = trial_states()
+        if not running_after_finished(now):
             return False
         experiment = client.get_experiment_by_name("tune")
-        query = f"tags.`tune.study` = '{name}' and tags.`tune.trial` = '{len(states) - 1}'"
+        query = f"tags.`tune.study` = '{name}' and tags.`tune.trial` = '{len(now) - 1}'"
         return bool(client.search_runs([experiment.experiment_id], filter_string=query))
 
-    try:  # kill it while a trial after the first runs; SIGSTOP first so the state we check is the state we kill
+    try:  # kill it while a trial after the first runs
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and worker.poll() is None:
-            time.sleep(0.2)
-            if not caught_mid_trial():
+            time.sleep(0.05)
+            if not running_after_finished(trial_states()):
                 continue
+            # Frozen while we look (a loaded machine makes the look slower than a tiny trial): the state we
+            # check is the state we kill. Not yet caught (its MLflow run not open yet): let it run a moment.
             worker.send_signal(signal.SIGSTOP)
             if caught_mid_trial():
                 break
-            worker.send_signal(signal.SIGCONT)  # it moved on between the two looks
+            worker.send_signal(signal.SIGCONT)
         worker.send_signal(signal.SIGKILL)
     finally:
         worker.wait()
