@@ -61,7 +61,3 @@ def log_ratio_t_interval(ratios: list[float], level: float = LEVEL) -> tuple[flo
     half = float(scipy_stats.t.ppf(0.5 + level / 2, len(ratios) - 1)) * float(logs.std()) / math.sqrt(len(ratios))
     centre = float(logs.mean())
     return math.exp(centre - half), math.exp(centre + half)
-
-
-def geometric_mean(ratios: list[float]) -> float:
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
