@@ -8,34 +8,15 @@ otherwise it dequantizes on every call and says so in ``kernel``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.quant import kernels
+from pipeline.quant.activation import ActivationQuant, quantize_activation
 from pipeline.quant.packing import pack, unpack
 from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 
-
-@dataclass(frozen=True)
-class ActivationQuant:
-    """Activation quantization of a layer's input: static per tensor (calibrated scale and zero
-    point) or dynamic per token (block (1, features), chosen at run time)."""
-
-    spec: QuantSpec
-    mode: str  # "static" | "dynamic"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("static", "dynamic"):
-            raise ValueError(f"activation mode must be 'static' or 'dynamic', got {self.mode!r}")
-        if self.spec.zero_point_domain != "int":
-            # The integer GEMM needs integer codes and zero points.
-            raise ValueError(f"activation zero points must be integers, got {self.spec.zero_point_domain!r}")
-
-    def describe(self) -> str:
-        return f"{self.spec.describe()} {'per-tensor static' if self.mode == 'static' else 'per-token dynamic'}"
+__all__ = ["ActivationQuant", "QuantLinear"]
 
 
 def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -91,12 +72,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("lowrank_b", b)
         # Per-input-channel multiplier on x (activation-aware scaling that could not be folded).
         self.register_buffer("input_scale", input_scale)
-        self.kernel, self.kernel_note = "dequant", ""
-        if kernel_preference == "auto":
-            self.kernel, self.kernel_note = kernels.select(self)
-        elif kernel_preference != "dequant":
-            raise ValueError(f"kernel preference must be 'auto' or 'dequant', got {kernel_preference!r}")
-        self._kernel_state = kernels.prepare(self.kernel, self)
+        self._kernel, self.kernel_note = kernels.select(self.tensors(), kernel_preference)
+        self._kernel_state = self._kernel.prepare(self.tensors())
 
     @classmethod
     def from_float(
@@ -112,6 +89,25 @@ class QuantLinear(nn.Module):
         return cls(quantize(weight, scale, zero, spec, block_size), scale, zero, spec, block_size, bias, **kwargs)
 
     # -- stored form -------------------------------------------------------------------------
+    def tensors(self) -> kernels.LayerTensors:
+        """The stored form as plain tensors, what kernels take."""
+        return kernels.LayerTensors(
+            packed=self.packed,
+            spec=self.spec,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            block_size=self.block_size,
+            scale=self.scale,
+            zero_point=self.zero_points(),
+            activation=self.activation,
+            activation_scale=self.activation_scale,
+            activation_zero_point=self.activation_zero_point,
+        )
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel.name
+
     def codes(self) -> torch.Tensor:
         """Integer codes (int32, signed for symmetric specs) of shape (out, in)."""
         numel = self.out_features * self.in_features
@@ -153,7 +149,10 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel_cache_bytes(self) -> int:
-        return _tensor_bytes(*self._kernel_state.values())
+        """Bytes the kernel keeps beyond the stored form (its own layout); shared tensors count once."""
+        stored = {t.data_ptr() for t in self.buffers()}
+        own = [t for t in self._kernel_state.values() if isinstance(t, torch.Tensor) and t.data_ptr() not in stored]
+        return _tensor_bytes(*own)
 
     # -- compute -----------------------------------------------------------------------------
     @property
@@ -165,29 +164,15 @@ class QuantLinear(nn.Module):
     def quantize_input(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-        """(codes, scale, zero point, block size) of a 2-D input: int8 codes when symmetric, uint8
-        when asymmetric; one calibrated (scale, zero) per tensor (static) or one per row (dynamic)."""
-        spec = self.activation.spec
-        if self.activation.mode == "static":
-            block = tuple(x.shape)
-            scale, zero = self.activation_scale, self.activation_zero_point
-        else:
-            block = (1, x.shape[1])
-            scale, zero = choose_qparams(x, spec, block)
-        return quantize(x, scale, zero, spec, block), scale, zero, block
+        """(codes, scale, zero point, block size) of a 2-D input (``quantize_activation``)."""
+        return quantize_activation(x, self.activation, self.activation_scale, self.activation_zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2d = x2d * self.input_scale.to(x.dtype)
-        if self.kernel == "dequant":
-            if self.activation is not None:
-                q, scale, zero, block = self.quantize_input(x2d.float())
-                x2d = dequantize(q, scale, zero, block, x.dtype)
-            y = F.linear(x2d, self.dequantized_weight(x.dtype), None)
-        else:
-            y = kernels.run(self.kernel, self, x2d, self._kernel_state)
+        y = self._kernel.run(x2d, self._kernel_state)
         if self.lowrank_a is not None:
             y = y + (x2d @ self.lowrank_b.to(x2d.dtype).T) @ self.lowrank_a.to(x2d.dtype).T
         if self.bias is not None:
