@@ -154,6 +154,16 @@ class QuantLinear(nn.Module):
         own = [t for t in self._kernel_state.values() if isinstance(t, torch.Tensor) and t.data_ptr() not in stored]
         return _tensor_bytes(*own)
 
+    @property
+    def bytes_read_per_call(self) -> int:
+        """Bytes of weights one forward reads: the kernel's own layout (when dequantizing, the stored
+        codes and qparams), plus bias, low-rank factors and input scale. The decode floor's numerator."""
+        read = [t for t in self._kernel_state.values() if isinstance(t, torch.Tensor)]
+        stored = self._kernel_state.get("layer")  # the dequant kernel reads the stored form
+        if stored is not None:
+            read += [stored.packed, stored.scale, stored.zero_point]
+        return _tensor_bytes(*read, self.bias, self.lowrank_a, self.lowrank_b, self.input_scale)
+
     # -- compute -----------------------------------------------------------------------------
     @property
     def grid(self) -> str:

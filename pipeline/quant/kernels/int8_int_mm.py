@@ -35,16 +35,17 @@ class Int8IntMM:
             # _int_mm wants the (in, out) operand; contiguous so that each call copies nothing.
             "weight": codes.to(torch.int8).t().contiguous(),
             "row_scale": layer.scale_per_row_group(layer.in_features).reshape(-1),
-            "layer": layer,
+            "activation": layer.activation,
+            "activation_scale": layer.activation_scale,
+            "activation_zero_point": layer.activation_zero_point,
         }
         if not layer.activation.spec.symmetric:
             state["weight_code_sums"] = codes.sum(dim=1, dtype=torch.int32)  # sum_k q_w[n, k]
         return state
 
     def run(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        layer: LayerTensors = state["layer"]
         q, x_scale, x_zero, _block = quantize_activation(
-            x, layer.activation, layer.activation_scale, layer.activation_zero_point
+            x, state["activation"], state["activation_scale"], state["activation_zero_point"]
         )
         if x_zero is None:
             acc = torch._int_mm(q, state["weight"])
