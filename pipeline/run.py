@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import calibrate, evaluate, generation, layers, profile, published_grid, quantize, tasks, tracking, train
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
+from pipeline.quant import kernels
 
 log = logging.getLogger(__name__)
 Probe = Callable[[torch.nn.Module, torch.Tensor, evaluate.Scores], None]
@@ -50,6 +51,8 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
     check_method(method)
+    if container["kernels"] not in kernels.PREFERENCES:
+        raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
     if task_cfg["names"]:
@@ -310,5 +313,5 @@ def _log_layer_table(records: list[quantize.LayerRecord]) -> None:
     rows = [r.as_dict() for r in records]
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     mlflow.log_table(columns, "layers.json")
-    kernels = sorted({r.kernel for r in records if r.kernel})
-    mlflow.set_tag("kernels", ",".join(kernels) or "none")
+    used = sorted({r.kernel for r in records if r.kernel})
+    mlflow.set_tag("kernels", ",".join(used) or "none")

@@ -106,3 +106,9 @@ def test_every_search_space_composes_with_its_method(method, monkeypatch):
 def test_experiment_paths_are_all_found():
     assert {"compare", "smoke", "suite"} <= set(EXPERIMENTS) and any(e.startswith("tuned/") for e in EXPERIMENTS)
     assert Path(CONF / "experiment" / "tuned").is_dir()
+
+
+def test_an_unknown_kernel_is_refused_before_any_work(store):
+    cfg = _compose("kernels=fastest", store)
+    with pytest.raises(ValueError, match="kernels must be one of auto, .*aten_int4_groupwise.*dequant, got 'fastest'"):
+        run.prepare(cfg, ["kernels=fastest"])

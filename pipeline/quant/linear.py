@@ -117,7 +117,7 @@ class QuantLinear(nn.Module):
         if self.zero_point is None or not self._int_zero:
             return self.zero_point
         n = self._zero_shape[0] * self._zero_shape[1]
-        return unpack(self.zero_point, self.spec.bits, n).reshape(self._zero_shape)
+        return unpack(self.zero_point, self.spec.bits, n).reshape(self._zero_shape).to(torch.uint8)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The quantized part only (no low-rank term, no input scale)."""
