@@ -74,6 +74,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", input_scale)
         self._kernel, self.kernel_note = kernels.select(self.tensors(), kernel_preference)
         self._kernel_state = self._kernel.prepare(self.tensors())
+        self._kernel_only = input_scale is None and lowrank is None and bias is None
 
     @classmethod
     def from_float(
@@ -180,6 +181,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)
+        if self._kernel_only:  # the decode hot path: a few hundred of these per token, so no extra ops
+            y = self._kernel.run(x2d, self._kernel_state)
+            return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*shape[:-1], self.out_features)
         if self.input_scale is not None:
             x2d = x2d * self.input_scale.to(x.dtype)
         y = self._kernel.run(x2d, self._kernel_state)
