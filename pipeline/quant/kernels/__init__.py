@@ -12,10 +12,11 @@ from pipeline.quant.kernels.aten_int4 import AtenInt4Groupwise
 from pipeline.quant.kernels.aten_int8 import AtenInt8WeightOnly
 from pipeline.quant.kernels.base import Kernel, LayerTensors
 from pipeline.quant.kernels.dequant import Dequant
+from pipeline.quant.kernels.int8_cpu import Int8Cpu
 from pipeline.quant.kernels.int8_int_mm import Int8IntMM
 
 DEQUANT = Dequant()
-REGISTRY: list[Kernel] = [Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), DEQUANT]
+REGISTRY: list[Kernel] = [Int8Cpu(), Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), DEQUANT]
 BY_NAME: dict[str, Kernel] = {k.name: k for k in REGISTRY}
 PREFERENCES = ("auto", *BY_NAME)
 
