@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from pipeline.quant.kernels.base import LayerTensors
+from pipeline.quant.kernels.base import NOT_BUILT, LayerTensors
 
 REPO = Path(__file__).resolve().parents[3]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # no fused multiply-adds: exact float ops
@@ -104,7 +104,7 @@ class Int8Cpu:
             return f"in_features {layer.in_features} > {MAX_IN_FEATURES} could overflow the int32 accumulators"
         module, failure = extension()
         if module is None:
-            return f"not built: {failure}"
+            return f"{NOT_BUILT}: {failure}"
         return None
 
     def describe(self, layer: LayerTensors) -> str:
