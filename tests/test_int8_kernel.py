@@ -5,6 +5,7 @@ import torch
 from conftest import layers_cfg, method_cfg
 
 from pipeline import calibrate, layers, quantize
+from pipeline.profile import torch_threads
 from pipeline.quant import kernels
 from pipeline.quant.activation import ActivationQuant, quantize_activation
 from pipeline.quant.kernels import int8_cpu
@@ -241,3 +242,13 @@ def test_the_scalar_path_computes_the_same_integers():
 def test_registry_prefers_int8_cpu_over_int_mm():
     names = [k.name for k in kernels.REGISTRY]
     assert names.index("int8_cpu") < names.index("int8_int_mm")
+
+
+def test_output_rows_split_across_threads_give_the_same_result(ext):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randint(-128, 128, (1000, 200), generator=gen, dtype=torch.int8)
+    d = torch.randint(-255, 256, (37, 200), generator=gen, dtype=torch.int16)
+    with torch_threads(2):
+        assert torch.get_num_threads() == 2
+        acc = ext.accumulators(d, w)
+    assert torch.equal(acc.long(), d.long() @ w.long().t())
