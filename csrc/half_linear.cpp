@@ -96,7 +96,7 @@ std::string isa() {
 
 }  // namespace
 
-TORCH_LIBRARY(quantbench_half_linear, m) {
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor", half_linear);
   m.def("isa() -> str", isa);
 }

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pipeline.quant.kernels.aten_int4 import AtenInt4Groupwise
 from pipeline.quant.kernels.aten_int8 import AtenInt8WeightOnly
-from pipeline.quant.kernels.base import Kernel, LayerTensors
+from pipeline.quant.kernels.base import NOT_BUILT, Kernel, LayerTensors
 from pipeline.quant.kernels.dequant import Dequant
+from pipeline.quant.kernels.int8_cpu import Int8Cpu
 from pipeline.quant.kernels.int8_int_mm import Int8IntMM
 
 DEQUANT = Dequant()
-REGISTRY: list[Kernel] = [Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), DEQUANT]
+REGISTRY: list[Kernel] = [Int8Cpu(), Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), DEQUANT]
 BY_NAME: dict[str, Kernel] = {k.name: k for k in REGISTRY}
 PREFERENCES = ("auto", *BY_NAME)
 
@@ -33,16 +34,20 @@ def select(layer: LayerTensors, preference: str = "auto") -> tuple[Kernel, str]:
         if reason is not None:
             raise ValueError(f"kernels={preference} cannot compute a {layer.spec.describe()} layer: {reason}")
         return kernel, kernel.describe(layer)
-    declined = []
+    declined, unbuilt = [], []
     for kernel in REGISTRY:
         reason = kernel.supports(layer)
         if reason is None:
             note = kernel.describe(layer)
-            if kernel is DEQUANT and declined:
-                note += " (" + "; ".join(declined) + ")"
+            # The fallback says why every kernel declined; a real kernel, why a better one is missing.
+            said = declined if kernel is DEQUANT else unbuilt
+            if said:
+                note += " (" + "; ".join(said) + ")"
             return kernel, note
         declined.append(f"{kernel.name}: {reason}")
+        if reason.startswith(NOT_BUILT):
+            unbuilt.append(declined[-1])
     raise AssertionError("dequant supports every layer")
 
 
-__all__ = ["BY_NAME", "DEQUANT", "PREFERENCES", "REGISTRY", "Kernel", "LayerTensors", "select"]
+__all__ = ["BY_NAME", "DEQUANT", "NOT_BUILT", "PREFERENCES", "REGISTRY", "Kernel", "LayerTensors", "select"]

@@ -72,6 +72,11 @@ def _per_row_group(params: torch.Tensor, block_size: tuple[int, int], group: int
     return params.repeat_interleave(rows, dim=0).repeat_interleave(cols // group, dim=1).contiguous()
 
 
+# A ``supports`` reason that starts with this means the kernel fits the layout but could not be
+# built on this machine: ``select`` reports it on whichever kernel runs instead.
+NOT_BUILT = "not built"
+
+
 class Kernel(Protocol):
     """One way to compute a quantized linear layer. Register it in ``pipeline.quant.kernels``."""
 

@@ -1,18 +1,18 @@
 """Our C++ kernels (csrc/*.cpp): built once per machine with torch's extension tools, loaded lazily.
 
-Each source registers a torch library (``TORCH_LIBRARY(<name>, m)``) with an ``isa()`` op that says
-what it was compiled for. It is compiled with -O3 -march=native into
-``build/kernels/<name>-<hash>``, the hash over this CPU's feature flags and the source, so a checkout
-shared with another CPU rebuilds rather than dying of an illegal instruction. A failed build is
+Each source registers its ops as ``TORCH_LIBRARY(TORCH_EXTENSION_NAME, m)`` (``torch.ops.quantbench_<stem>``)
+with an ``isa()`` op that says what it was compiled for. It is compiled with ``CFLAGS`` into
+``build/kernels/<stem>-<hash>``, the hash over this CPU's feature flags, the torch version, the flags
+and the source, so a checkout shared with another CPU rebuilds rather than dying of an illegal
+instruction. A failed build is
 remembered for the process: the kernels that need it decline every layer with "not built: <the
 compiler's first error lines>", and those layers fall to the next kernel in the registry.
 
-    python -m pipeline.quant.kernels.cpp --build   # what `make setup` runs: builds every source
+    python -m pipeline.quant.kernels --build   # what `make setup` runs: builds every source
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import os
@@ -24,6 +24,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[3]
 SOURCES = REPO / "csrc"
+# -fopenmp: at::parallel_for splits work over torch's threads only when compiled with OpenMP.
+# -ffp-contract=off: the compiler fuses no multiply-add by itself, so float ops written to match a
+# torch reference (int8_cpu's scaling) stay bit-identical; the kernels' explicit FMA intrinsics stay.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 _ERROR_LINES = 3  # of the compiler's output, in the "not built" reason
 
 
@@ -53,9 +57,9 @@ def _cpu_flags() -> str:
     return ""  # not Linux: the hash then covers the source alone
 
 
-def build_directory(name: str, source: Path) -> Path:
-    digest = hashlib.sha256(_cpu_flags().encode() + source.read_bytes()).hexdigest()[:12]
-    return REPO / "build" / "kernels" / f"{name}-{digest}"
+def build_directory(library: str, source: Path, cflags: tuple[str, ...]) -> Path:
+    key = "\n".join([_cpu_flags(), torch.__version__, *cflags]).encode() + source.read_bytes()
+    return REPO / "build" / "kernels" / f"{library}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def _first_error_lines(message: str) -> str:
@@ -77,29 +81,35 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, *paths])
 
 
-@functools.cache
-def build(name: str) -> Build:
-    """Compile (or load the already compiled) ``csrc/<name>.cpp`` once per process; its ops are then
-    ``torch.ops.quantbench_<name>``."""
+def compile_library(stem: str, library: str, cflags: tuple[str, ...] = CFLAGS) -> None:
+    """Compile ``csrc/<stem>.cpp`` as the torch library ``library`` (or load its cached build) into
+    this process; raises what ``torch.utils.cpp_extension.load`` raises when the build fails."""
     from torch.utils import cpp_extension  # imported here: it is slow and only needed to build
 
-    source = SOURCES / f"{name}.cpp"
-    library = f"quantbench_{name}"
+    source = SOURCES / f"{stem}.cpp"
     _put_ninja_on_path()
-    directory = build_directory(name, source)
+    directory = build_directory(library, source, cflags)
     directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=library,
+        sources=[str(source)],
+        extra_cflags=list(cflags),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+@functools.cache
+def build(stem: str) -> Build:
+    """Build ``csrc/<stem>.cpp`` once per process; its ops are then ``torch.ops.quantbench_<stem>``."""
+    library = f"quantbench_{stem}"
     try:
-        cpp_extension.load(
-            name=library,
-            sources=[str(source)],
-            extra_cflags=["-O3", "-march=native"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        compile_library(stem, library)
     except (RuntimeError, OSError, subprocess.CalledProcessError, ImportError) as error:
-        return Build(name=name, isa=None, error=_first_error_lines(str(error)) or type(error).__name__)
-    return Build(name=name, isa=getattr(torch.ops, library).isa(), error=None)
+        return Build(name=stem, isa=None, error=_first_error_lines(str(error)) or type(error).__name__)
+    return Build(name=stem, isa=getattr(torch.ops, library).isa(), error=None)
 
 
 def ops(name: str):
@@ -108,20 +118,3 @@ def ops(name: str):
     if not outcome.ok:
         raise RuntimeError(f"the {name} kernel is not built: {outcome.error}")
     return getattr(torch.ops, f"quantbench_{name}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build our C++ kernels (never fails setup).")
-    parser.add_argument("--build", action="store_true", help="compile every csrc/*.cpp now (else on first use)")
-    args = parser.parse_args()
-    if not args.build:
-        parser.error("nothing to do: pass --build")
-    for source in sorted(SOURCES.glob("*.cpp")):
-        outcome = build(source.stem)
-        print(f"kernel {source.stem}: {outcome.describe()}")
-        if not outcome.ok:
-            print("  the layers it would compute run the next kernel in the registry (see the layer table's notes)")
-
-
-if __name__ == "__main__":
-    main()
