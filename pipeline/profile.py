@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
 from pipeline.generation import Generation, greedy
+from pipeline.progress import progress
 from pipeline.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,8 @@ def speed_metrics(
                 raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
             prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
             runs: dict[str, list[Generation]] = {"ref_a": [], "quant": [], "ref_b": []}
-            bar = tqdm(range(warmup + repeats), desc=f"profile batch {batch}: repeats (ref, model, ref)", unit="repeat")
-            for i in bar:
+            label = f"profile batch {batch}: repeats (ref, model, ref)"
+            for i in progress(range(warmup + repeats), label, "repeat"):
                 for key, m in (("ref_a", reference), ("quant", model), ("ref_b", reference)):
                     # decode_tokens decode steps after the prefill's first token
                     run = greedy(m, prompt, decode_tokens + 1, meter)[0]
