@@ -12,6 +12,11 @@ itself). ``speedup_vs_ref`` is the median paired ratio; ``*_ci_low/high`` its 95
 over repeats (on logs; needs ``repeats >= 2``); ``speed_noise_pct`` = 100 * |median(A / B) - 1|, what
 the reference reads against itself in the same process; ``speedup_is_win`` = 1.0 only when the
 interval's low end clears 1 + that noise. Times are medians over repeats.
+
+``profile_metrics`` adds what the same windows used (``usage_metrics``: CPU seconds always, energy
+from a counter or, labelled ``_est``, an estimate; ``pipeline.energy``), the decode's
+memory-bandwidth floor (``floor_metrics``; ``pipeline.bandwidth``) and the cost per million tokens
+(``cost_metrics``).
 """
 
 from __future__ import annotations
