@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,18 @@ def test_read_bandwidth_is_positive_and_checks_its_arguments():
     assert bandwidth.read_bandwidth_gb_s(8, 2) > 0
     with pytest.raises(ValueError, match="buffer_mb >= 1"):
         bandwidth.read_bandwidth_gb_s(0, 1)
+
+
+def test_nvml_counter_reads_millijoules_of_the_models_gpu(monkeypatch):
+    # No GPU here: a stand-in for the pynvml module with the calls the counter makes; the first read
+    # checks that the counter works, the next two bound a window of 2.5 J.
+    readings = iter([0, 5_000, 7_500])
+    fake = types.SimpleNamespace(
+        NVMLError=RuntimeError,
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: f"gpu{index}",
+        nvmlDeviceGetTotalEnergyConsumption=lambda handle: next(readings) if handle == "gpu1" else 0,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    counter = energy.NvmlCounter(1)
+    assert counter.label == "nvml" and counter.joules(counter.sample(), counter.sample()) == pytest.approx(2.5)
