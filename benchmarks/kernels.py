@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import stats, tracking
+from pipeline.bandwidth import read_bandwidth_gb_s
 from pipeline.profile import torch_threads
 from pipeline.quant.activation import ActivationQuant
 from pipeline.quant.linear import QuantLinear
@@ -56,19 +57,6 @@ def last_level_cache_bytes() -> int | None:
         units = {"K": 2**10, "M": 2**20, "G": 2**30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes) if sizes else None
-
-
-def read_bandwidth_gb_s(buffer_mb: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: median over repeats of one sum over a float32 buffer much larger
-    than the caches (on the current thread count)."""
-    buffer = torch.ones(buffer_mb * 2**20 // 4)
-    buffer.sum()  # touch every page
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - start)
-    return buffer.numel() * 4 / statistics.median(times) / 1e9
 
 
 def _copies(layer_bytes: int, working_set: int) -> int:
@@ -188,7 +176,7 @@ def main() -> None:
     llc = last_level_cache_bytes()
     working_set = args.working_set_mb * 2**20 if args.working_set_mb else 4 * (llc or 32 * 2**20)
     with torch_threads(args.threads):
-        bandwidth = read_bandwidth_gb_s()
+        bandwidth = read_bandwidth_gb_s(buffer_mb=max(256, 4 * working_set // 2**20), repeats=5)
         rows = measure(args.repeats, working_set)
     text = to_markdown(rows, args.threads, args.repeats, working_set, bandwidth)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.progress import progress
 from pipeline.quant.primitives import QuantSpec, dequantize, qparams_from_range, quantize
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def collect_activation_stats(
         for name in layer_names
     ]
     try:
-        for start in range(0, batches.shape[0], batch_size):
+        starts = range(0, batches.shape[0], batch_size)
+        for start in progress(starts, f"calibrate: batches of {batch_size} sequences", "batch"):
             model(input_ids=batches[start : start + batch_size], use_cache=False)
     finally:
         for hook in hooks:

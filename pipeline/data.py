@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.assets import eval_data_dir
+from pipeline.progress import progress
 
 BUILTIN_CORPORA = ("fiction", "wikipedia")
 
@@ -74,11 +75,15 @@ def token_stream(tokenizer, documents: list[str], n_tokens: int, add_special_tok
     """The first ``n_tokens`` tokens of the documents joined by blank lines (1-D int64)."""
     ids: list[int] = []
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=add_special_tokens)["input_ids"])
-        if len(ids) >= n_tokens:
-            break
-        ids.extend(sep)
+    with progress(desc="tokenize corpus", unit="token", total=n_tokens) as bar:
+        for doc in documents:
+            before = len(ids)
+            ids.extend(tokenizer(doc, add_special_tokens=add_special_tokens)["input_ids"])
+            if len(ids) >= n_tokens:
+                bar.update(n_tokens - before)
+                break
+            ids.extend(sep)
+            bar.update(len(ids) - before)
     if len(ids) < n_tokens:
         raise ValueError(f"the corpus holds only {len(ids)} tokens, fewer than the {n_tokens} asked for")
     return torch.tensor(ids[:n_tokens], dtype=torch.long)

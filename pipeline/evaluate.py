@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from pipeline import stats
 from pipeline.assets import cache_dir
 from pipeline.data import load_corpus, split_half, token_stream
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def score(model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | No
     offset = 0 if bos_token_id is None else 1
     nll, argmax, kept = [], [], []
     n_kept = 0
-    for i in range(0, len(spans), batch_size):
+    for i in progress(range(0, len(spans), batch_size), f"evaluate: batches of {batch_size} windows", "batch"):
         batch = spans[i : i + batch_size]
         ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id)
         logits = model(input_ids=ids, use_cache=False).logits.float()
@@ -194,7 +195,8 @@ def perplexity_by_context(
         windows_ = tokens[:n].reshape(-1, length)
         nll = []
         batch_size = max(1, tokens_per_batch // length)
-        for i in range(0, windows_.shape[0], batch_size):
+        batch_starts = range(0, windows_.shape[0], batch_size)
+        for i in progress(batch_starts, f"perplexity at context {length}: batches of {batch_size} windows", "batch"):
             ids = _with_bos(windows_[i : i + batch_size], bos_token_id)
             logits = model(input_ids=ids, use_cache=False).logits.float()
             nll.append(

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from pipeline.energy import Meter, Usage
+
 NGRAM = 3
 DEGENERATE = 0.5
 
@@ -30,25 +32,36 @@ class Generation:
     tokens: list[int]  # the generated tokens only
     prefill_s: float
     decode_s: float
+    # CPU time and energy over the same two windows, when a meter was given
+    prefill_usage: Usage | None = None
+    decode_usage: Usage | None = None
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[Generation]:
-    """Greedy decoding of ``new_tokens`` tokens after each row of ``prompt`` (batch, length), with a KV cache."""
+def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, meter: Meter | None = None) -> list[Generation]:
+    """Greedy decoding of ``new_tokens`` tokens after each row of ``prompt`` (batch, length), with a KV cache.
+
+    With a ``meter``, each timed window (prefill, decode) is also metered; its readings sit just outside
+    the timed interval, so the times mean what they mean without one.
+    """
     cache = DynamicCache(config=model.config)
+    metered = meter.start() if meter else None
     start = time.perf_counter()
     out = model(input_ids=prompt, cache=cache, use_cache=True)
     prefill_s = time.perf_counter() - start
+    prefill_usage = meter.stop(metered) if meter else None
     next_ids = out.logits[:, -1:].argmax(-1)
     generated = [next_ids]
+    metered = meter.start() if meter else None
     start = time.perf_counter()
     for _ in range(new_tokens - 1):  # the cache object grows in place
         out = model(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1:].argmax(-1)
         generated.append(next_ids)
     decode_s = time.perf_counter() - start
+    decode_usage = meter.stop(metered) if meter else None
     rows = torch.cat(generated, dim=1).tolist()
-    return [Generation(row, prefill_s, decode_s) for row in rows]
+    return [Generation(row, prefill_s, decode_s, prefill_usage, decode_usage) for row in rows]
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:

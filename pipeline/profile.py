@@ -12,6 +12,11 @@ itself). ``speedup_vs_ref`` is the median paired ratio; ``*_ci_low/high`` its 95
 over repeats (on logs; needs ``repeats >= 2``); ``speed_noise_pct`` = 100 * |median(A / B) - 1|, what
 the reference reads against itself in the same process; ``speedup_is_win`` = 1.0 only when the
 interval's low end clears 1 + that noise. Times are medians over repeats.
+
+``profile_metrics`` adds what the same windows used (``usage_metrics``: CPU seconds always, energy
+from a counter or, labelled ``_est``, an estimate; ``pipeline.energy``), the decode's
+memory-bandwidth floor (``floor_metrics``; ``pipeline.bandwidth``) and the cost per million tokens
+(``cost_metrics``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import stats
-from pipeline.generation import greedy
+from pipeline import bandwidth, energy, stats
+from pipeline.cost import usd_per_1m_tokens
+from pipeline.generation import Generation, greedy
+from pipeline.progress import progress
 from pipeline.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -127,13 +134,59 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping) -> dict[str, float]:
+def profile_metrics(
+    model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping
+) -> tuple[dict[str, float], str]:
+    """The profile stage's numbers and the ``energy_source`` tag: the memory bandwidth, speed with CPU time
+    and energy over the same windows, the bandwidth floor of decode and the cost per token."""
+    meter = energy.meter_for(model, cfg["energy"])
+    with torch_threads(int(cfg["threads"])):  # the floor's bandwidth with the decode's thread count
+        gb_s = bandwidth.read_bandwidth_gb_s(int(cfg["bandwidth"]["buffer_mb"]), int(cfg["bandwidth"]["repeats"]))
+    metrics = speed_metrics(model, reference, tokens, cfg, meter)
+    batches = list(cfg["batch_sizes"])
+    metrics |= floor_metrics(
+        metrics, batches, gb_s, bandwidth.bytes_read_per_token(model), bandwidth.bytes_read_per_token(reference)
+    )
+    metrics |= cost_metrics(metrics, batches, float(cfg["cost"]["usd_per_hour"]))
+    return metrics, meter.source
+
+
+def _suffix(batch: int) -> str:
+    return "" if batch == 1 else f"_b{batch}"
+
+
+def floor_metrics(
+    speed: Mapping[str, float], batch_sizes: list[int], gb_s: float, bytes_read: int, bytes_read_ref: int
+) -> dict[str, float]:
+    """``mem_bandwidth_gb_s``, ``decode_bytes_per_token``, ``decode_floor_ms`` (the time to read them) and,
+    per batch, ``decode_vs_floor`` = measured ms per decode step / floor (a step reads the weights once at
+    any batch); each with ``_ref`` for the reference."""
+    out = {"mem_bandwidth_gb_s": gb_s}
+    for tag, n_bytes in (("", bytes_read), ("_ref", bytes_read_ref)):
+        floor = bandwidth.floor_ms(n_bytes, gb_s)
+        out |= {f"decode_bytes_per_token{tag}": float(n_bytes), f"decode_floor_ms{tag}": floor}
+        for batch in batch_sizes:
+            step_ms = 1000 * batch / speed[f"decode_tok_s{tag}{_suffix(batch)}"]
+            out[f"decode_vs_floor{tag}{_suffix(batch)}"] = step_ms / floor
+    return out
+
+
+def cost_metrics(speed: Mapping[str, float], batch_sizes: list[int], usd_per_hour: float) -> dict[str, float]:
+    """``usd_per_1m_tokens`` (and ``_ref``) per batch: the machine's price over the measured decode throughput."""
+    names = [f"{tag}{_suffix(batch)}" for batch in batch_sizes for tag in ("", "_ref")]
+    return {f"usd_per_1m_tokens{n}": usd_per_1m_tokens(usd_per_hour, speed[f"decode_tok_s{n}"]) for n in names}
+
+
+def speed_metrics(
+    model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping, meter: energy.Meter | None = None
+) -> dict[str, float]:
     """Speed against the reference, interleaved A, Q, B per repeat (module docstring), per batch size.
 
     For each batch (suffix ``""`` at 1, ``_b<batch>`` otherwise): ``prefill_ms``, ``decode_tok_s``
     and the reference's (``_ref``), ``speedup_vs_ref`` (decode) and ``prefill_speedup_vs_ref`` with
     ``_ci_low``/``_ci_high``, ``speed_noise_pct``/``prefill_speed_noise_pct`` and
-    ``speedup_is_win``/``prefill_speedup_is_win``.
+    ``speedup_is_win``/``prefill_speedup_is_win``. With a ``meter``, also CPU time and energy per
+    token over the same windows (``usage_metrics``).
     """
     prompt_len, decode_tokens = int(cfg["prompt_tokens"]), int(cfg["decode_tokens"])
     warmup, repeats = int(cfg["warmup"]), int(cfg["repeats"])
@@ -147,14 +200,16 @@ def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, 
             if tokens.numel() < batch * prompt_len:
                 raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
             prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
-            timings: dict[str, list[tuple[float, float]]] = {"ref_a": [], "quant": [], "ref_b": []}
-            for i in range(warmup + repeats):
+            runs: dict[str, list[Generation]] = {"ref_a": [], "quant": [], "ref_b": []}
+            label = f"profile batch {batch}: repeats (ref, model, ref)"
+            for i in progress(range(warmup + repeats), label, "repeat"):
                 for key, m in (("ref_a", reference), ("quant", model), ("ref_b", reference)):
                     # decode_tokens decode steps after the prefill's first token
-                    run = greedy(m, prompt, decode_tokens + 1)[0]
+                    run = greedy(m, prompt, decode_tokens + 1, meter)[0]
                     if i >= warmup:
-                        timings[key].append((run.prefill_s, run.decode_s))
-            suffix = "" if batch == 1 else f"_b{batch}"
+                        runs[key].append(run)
+            suffix = _suffix(batch)
+            timings = {key: [(r.prefill_s, r.decode_s) for r in value] for key, value in runs.items()}
             for phase, prefix in ((1, ""), (0, "prefill_")):
                 ref_a = [t[phase] for t in timings["ref_a"]]
                 ref_b = [t[phase] for t in timings["ref_b"]]
@@ -173,7 +228,51 @@ def speed_metrics(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, 
                     paired=[r / q for r, q in zip(ref, quant, strict=True)],
                     self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
                 )
+            if meter is not None:
+                metrics |= usage_metrics(runs, batch * decode_tokens, batch * prompt_len, suffix, meter)
     return metrics
+
+
+def usage_metrics(
+    runs: Mapping[str, list[Generation]], decode_tokens: int, prefill_tokens: int, suffix: str, meter: energy.Meter
+) -> dict[str, float]:
+    """CPU seconds and energy per token over the timed windows of ``runs`` (ref_a, quant, ref_b per repeat).
+
+    Per phase (``""`` decode per generated token, ``prefill_`` per prompt token): ``cpu_s_per_token``
+    / ``cpu_s_per_prefill_token`` and ``_ref``, with ``cpu_saving_vs_ref`` (ref / model, intervals and
+    noise as for the speed-up). Measured energy (a counter): ``energy_j_per_token``,
+    ``energy_j_per_prefill_token``, ``_ref``, ``energy_saving_vs_ref``. Without a counter only the
+    estimate, under its own names: ``energy_j_per_token_est`` (= CPU seconds * watts per core) and
+    ``energy_j_per_prefill_token_est``, ``_ref`` after ``_est``; its ratio would be the CPU ratio.
+    """
+    out = {}
+    for phase, count, per in (("decode", decode_tokens, "token"), ("prefill", prefill_tokens, "prefill_token")):
+        prefix = "" if phase == "decode" else "prefill_"
+        usage = {key: [getattr(r, f"{phase}_usage") for r in value] for key, value in runs.items()}
+        keys = ("ref_a", "quant", "ref_b")
+        quantities = [("cpu_s", "cpu", [[u.cpu_s for u in usage[k]] for k in keys])]
+        if meter.measured:
+            quantities.append(("energy_j", "energy", [[u.energy_j for u in usage[k]] for k in keys]))
+        for unit, ratio_name, (ref_a, quant, ref_b) in quantities:
+            ref = [(a + b) / 2 for a, b in zip(ref_a, ref_b, strict=True)]
+            model_value, ref_value = statistics.median(quant) / count, statistics.median(ref) / count
+            out[f"{unit}_per_{per}{suffix}"] = model_value
+            out[f"{unit}_per_{per}_ref{suffix}"] = ref_value
+            if unit == "cpu_s" and not meter.measured:
+                out[f"energy_j_per_{per}_est{suffix}"] = model_value * meter.watts_per_core
+                out[f"energy_j_per_{per}_est_ref{suffix}"] = ref_value * meter.watts_per_core
+            if min(quant) <= 0 or min(ref_b) <= 0:
+                # A counter that did not move in a window (too short for its resolution): no ratio to take.
+                log.warning("%s%s: a window read no %s; no %s ratio", phase, suffix, unit, ratio_name)
+                continue
+            out |= _ratio_metrics(
+                f"{prefix}{ratio_name}_saving_vs_ref{suffix}",
+                f"{prefix}{ratio_name}_noise_pct{suffix}",
+                f"{prefix}{ratio_name}_saving_is_win{suffix}",
+                paired=[r / q for r, q in zip(ref, quant, strict=True)],
+                self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
+            )
+    return out
 
 
 def _ratio_metrics(

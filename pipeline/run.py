@@ -17,7 +17,19 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, generation, layers, profile, published_grid, quantize, tasks, tracking, train
+from pipeline import (
+    calibrate,
+    energy,
+    evaluate,
+    generation,
+    layers,
+    profile,
+    published_grid,
+    quantize,
+    tasks,
+    tracking,
+    train,
+)
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 from pipeline.quant import kernels
@@ -60,6 +72,8 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
             list(task_cfg["names"]), task_cfg["limit"], task_cfg["num_fewshot"], task_cfg["batch_size"]
         )
         tasks.check_data_package()
+    if container["profile"]["enabled"]:
+        energy.check_config(container["profile"]["energy"])  # a forced counter this machine lacks: fail now
     model_path = resolve_model_path(container["model"])
     on_grid = published_grid.config_on_published_grid(container, model_path)
     if on_grid:
@@ -237,7 +251,9 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if cfg.profile.enabled:
         start = time.perf_counter()
         reference_model = load_model(container["model"])[0] if quantizing else model
-        record(profile.speed_metrics(model, reference_model, tokens, container["profile"]))
+        speed, energy_source = profile.profile_metrics(model, reference_model, tokens, container["profile"])
+        mlflow.set_tag("energy_source", energy_source)
+        record(speed)
         mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"]))
         record({"profile_s": time.perf_counter() - start})
     return metrics

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline.progress import progress
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, fake_quantize_ste, quantize
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ def fit(
     model.train()
     losses = []
     try:
-        for step in range(steps):
+        bar = progress(range(steps), "QAT: training steps", "step")
+        for step in bar:
             start = time.perf_counter()
             ids = batches[torch.randint(0, batches.shape[0], (batch_size,), generator=generator)]
             loss = loss_on(model, ids, options["loss"], teacher)
@@ -129,6 +131,7 @@ def fit(
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if log_step is not None:
                 log_step(
                     step,

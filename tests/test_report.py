@@ -30,7 +30,7 @@ RUNS = [
          "speedup_is_win": 0.0, "mem_reduction_vs_fp16_pct": -100.0, "acc_avg": 0.5, "acc_avg_stderr": 0.02,
          "acc_drop_pct": 0.0, "acc/commonsense": 0.6, "acc_stderr/commonsense": 0.049, "acc/numerical": 0.4,
          "acc/hellaswag": 0.45, "ppl_ctx/128": 30.0, "ppl_ctx/1024": 21.0,
-         "gen_match_rate": 1.0},
+         "gen_match_rate": 1.0, "energy_j_per_token_est": 0.05, "usd_per_1m_tokens": 2.125, "decode_vs_floor": 3.0},
     ),
     (
         "m/weight_only",  # best 8-bit: lowest accuracy drop, though per_tensor has the lower KL
@@ -40,8 +40,8 @@ RUNS = [
         {"ppl": 20.1, "kl_vs_ref": 0.004, "bits_per_weight": 8.02, "weight_mb": 210.0, "decode_tok_s": 14.0,
          "speedup_vs_ref": 1.4, "mem_reduction_vs_fp16_pct": 18.0, "acc_avg": 0.495, "acc_drop_pct": 1.0,
          "acc_drop_pct_ci_low": -2.0, "acc_drop_pct_ci_high": 4.0, "acc_drop_significant": 0.0,
-         "gen_match_rate": 0.9, "acc/commonsense": 0.59, "acc/numerical": 0.4, "ppl_ctx/128": 30.5,
-         "ppl_ctx/1024": 21.2},
+         "gen_match_rate": 0.9, "usd_per_1m_tokens": 1.52, "acc/commonsense": 0.59, "acc/numerical": 0.4,
+         "ppl_ctx/128": 30.5, "ppl_ctx/1024": 21.2},
     ),
     (
         "m/per_tensor",
@@ -72,7 +72,8 @@ RUNS = [
         {"ppl": 24.0, "kl_vs_ref": 0.2, "kl_vs_ref_ci_low": 0.18, "kl_vs_ref_ci_high": 0.22, "bits_per_weight": 4.31,
          "weight_mb": 163.0, "decode_tok_s": 20.0, "speedup_vs_ref": 2.0, "speedup_vs_ref_ci_low": 1.9,
          "speedup_vs_ref_ci_high": 2.1, "speed_noise_pct": 3.0, "speedup_is_win": 1.0,
-         "mem_reduction_vs_fp16_pct": 37.0, "dppl_pct": 20.0, "dppl_pct_ci_low": 17.0, "dppl_pct_ci_high": 27.0},
+         "mem_reduction_vs_fp16_pct": 37.0, "dppl_pct": 20.0, "dppl_pct_ci_low": 17.0, "dppl_pct_ci_high": 27.0,
+         "energy_j_per_token": 0.0123, "usd_per_1m_tokens": 1.06, "decode_vs_floor": 4.04},  # measured energy
     ),
     (
         "m/group_wise_g32",  # the published grid: the lowest KL at 4 bits, and left out of the best picks
@@ -211,7 +212,11 @@ def test_method_table_rows_and_missing_cells(store):
     assert gptq["≈ Δppl (same bits)"] == "group_wise (4-bit g64)"  # overlapping intervals at 4 bits
     assert gptq["speed-up [95% CI]"] == "2.00x [1.90, 2.10]" and gptq["speed noise"] == "±3.0%"
     assert gptq["notes"] == "worse than preset (kl_vs_ref 0.2 vs preset 0.15)" and gptq["algorithm"] == "gptq+rtn"
+    # measured and estimated energy in their own columns, never one filling the other
+    assert gptq["energy J/token (measured)"] == "0.0123" and gptq["energy J/token (est.)"] == "-"
+    assert gptq["$/1M tokens"] == "1.06" and gptq["decode vs floor"] == "4.0x"
     fp = _row(text, "| fp")
+    assert fp["energy J/token (measured)"] == "-" and fp["energy J/token (est.)"] == "0.05"
     assert fp["speed-up [95% CI]"] == "1.00x [0.97, 1.03] ~noise"  # the reference against itself: no win
     assert _row(text, "| per_tensor")["acc drop % [95% CI]"] == "+2.0 [+0.5, +3.5] sig."
     assert _row(text, "| weight_only")["acc drop % [95% CI]"] == "+1.0 [-2.0, +4.0]"
@@ -257,6 +262,9 @@ def test_precision_table_picks_best_run_per_precision(store):
     assert table.loc["8-bit", "Accuracy"] == "acc drop +1.0 [-2.0, +4.0]% · *Near-Perfect*"
     assert table.loc["4-bit", "Accuracy"] == "Δppl +20.0 [+17.0, +27.0]% · *Very Good*"
     assert table.loc["4-bit", "Speed"] == "2.00x [1.90, 2.10] · *Much Faster*"
+    assert table.loc["4-bit", "Energy J/token (measured)"] == "0.0123" and table.loc["4-bit", "$/1M tokens"] == "1.06"
+    assert table.loc["FP", "Energy J/token (est.)"] == "0.05" and table.loc["FP", "Energy J/token (measured)"] == "-"
+    assert table.loc["FP", "Decode vs floor"] == "3.0x" and table.loc["2-bit", "$/1M tokens"] == "-"
     assert (
         table.loc["2-bit", "Speed"] == "- · *Fastest*" and table.loc["FP", "Stability"] == "not repeated · *Very High*"
     )
@@ -279,7 +287,8 @@ def test_pareto_front_excludes_dominated_points():
 def test_report_files_and_summary_run(store, written):
     names = {p.name for p in written.iterdir()}
     expected = {"methods.md", "methods.csv", "precision.md", "comparison.md", "comparison.csv", "suite.md", "suite.csv"}
-    pngs = {"accuracy_vs_bits.png", "accuracy_vs_speed.png", "history_gptq_w4.png", "history_bits_kl.png"}
+    pngs = {"accuracy_vs_bits.png", "accuracy_vs_speed.png", "accuracy_vs_cost.png", "history_gptq_w4.png",
+            "history_bits_kl.png"}  # fmt: skip
     assert names == expected | pngs  # no plot for the other experiment's study
     for name in pngs:
         assert (written / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -289,6 +298,7 @@ def test_report_files_and_summary_run(store, written):
     assert "Left out of the picks († on the published grid" in precision and "group_wise (4-bit g32)" in precision
     csv = pd.read_csv(written / "methods.csv")
     assert len(csv) == 8 and {"Δppl % lo", "Δppl % hi", "KL lo", "speed-up lo", "speed noise %"} <= set(csv.columns)
+    assert {"energy J/token", "energy J/token (est.)", "$/1M tokens", "decode vs floor"} <= set(csv.columns)
     by_setting = (written / "comparison.md").read_text().split("## By setting")[1]
     assert "24.0 / +20.0 [+17.0, +27.0] / 0.200 / 4.31 ≈ group_wise" in by_setting
 
@@ -329,6 +339,7 @@ def test_speed_plot_skipped_without_speed_numbers(store):
     mlflow.set_tracking_uri(store["uri"])
     runs = report.load_runs("fake")
     assert report.plot_accuracy_vs_speed(runs[runs["tags.method"] == "w2_group"]) is None
+    assert report.plot_accuracy_vs_cost(runs[runs["tags.method"] == "w2_group"]) is None
     assert report.plot_accuracy_vs_bits(runs.drop(columns=["metrics.acc_drop_pct", "metrics.speedup_vs_ref"]))
 
 
@@ -394,3 +405,13 @@ def test_notebook_runs_headless(store, monkeypatch):
     shown = "".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", "")) for o in outputs)
     assert "weight_only (8-bit per_channel)" in shown and "| gptq |" in shown
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_cost_plot_front_is_cheaper_and_more_accurate(store):
+    mlflow.set_tracking_uri(store["uri"])
+    fig = report.plot_accuracy_vs_cost(report.load_runs("fake"), "fake")
+    ax = fig.axes[0]
+    (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    # fp ($2.125, Δppl 0), weight_only ($1.52, 0.5%), gptq ($1.06, 20%): none dominates another
+    assert sorted(front.get_xdata()) == [1.06, 1.52, 2.125]
+    assert ax.get_xlabel().startswith("$ per 1M generated tokens")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.algorithms.gptq import HessianAccumulator
+from pipeline.progress import progress
 
 
 class _StopForward(Exception):
@@ -112,7 +113,7 @@ def run_blocks(
             f"{prefix} (exclude it or use a data-free algorithm)"
         )
     state = _first_block_inputs(model, blocks[0], batches, batch_size)
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(progress(blocks, "quantize: decoder blocks", "block")):
         block_name = f"{prefix}.{index}"
         local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
         if local:

@@ -163,7 +163,8 @@ class QuantLinear(nn.Module):
         stored = self._kernel_state.get("layer")  # the dequant kernel reads the stored form
         if stored is not None:
             read += [stored.packed, stored.scale, stored.zero_point]
-        return _tensor_bytes(*read, self.bias, self.lowrank_a, self.lowrank_b, self.input_scale)
+        beside = (self.bias, self.lowrank_a, self.lowrank_b, self.input_scale)
+        return _tensor_bytes(*read, *beside, self.activation_scale, self.activation_zero_point)
 
     # -- compute -----------------------------------------------------------------------------
     @property

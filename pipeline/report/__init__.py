@@ -12,10 +12,12 @@ seeds counts once, through its parent run's means) and writes to ``experiments/<
 experiment:
 
 - ``methods.{md,csv}``: one row per method run: Δppl%, KL, accuracy drop and decode speed-up, each with
-  its 95% interval where the run logged one, memory, stability, settings, flags.
+  its 95% interval where the run logged one, memory, energy per token (measured and estimated apart),
+  $ per 1M tokens, decode vs the memory-bandwidth floor, stability, settings, flags.
 - ``precision.md``: the article's precision table (FP / 8 / 4 / 2 bits), measured, next to its words.
 - ``suite.{md,csv}``: accuracy per task group ± standard error, perplexity by context, generation.
-- ``accuracy_vs_bits.png`` (with the Pareto front), ``accuracy_vs_speed.png``, and
+- ``accuracy_vs_bits.png`` (with the Pareto front), ``accuracy_vs_speed.png``, ``accuracy_vs_cost.png``
+  ($ per 1M tokens), and
   ``history_<study>.png`` for each Optuna study tuned for this experiment.
 - ``comparison.{md,csv}``: every run's raw numbers, and methods side by side at each setting.
 
@@ -26,7 +28,13 @@ runs of older code still render.
 
 from pipeline.report.cells import PUBLISHED_NOTE, overlapping, speed_cell
 from pipeline.report.cli import compose_config, main, storage_url
-from pipeline.report.plots import pareto_front, plot_accuracy_vs_bits, plot_accuracy_vs_speed, plot_studies
+from pipeline.report.plots import (
+    pareto_front,
+    plot_accuracy_vs_bits,
+    plot_accuracy_vs_cost,
+    plot_accuracy_vs_speed,
+    plot_studies,
+)
 from pipeline.report.provenance import check_provenance
 from pipeline.report.runs import SUMMARY_TAG, ReportError, load_runs, nominal_bits
 from pipeline.report.tables import (
@@ -54,6 +62,7 @@ __all__ = [
     "overlapping",
     "pareto_front",
     "plot_accuracy_vs_bits",
+    "plot_accuracy_vs_cost",
     "plot_accuracy_vs_speed",
     "plot_studies",
     "precision_markdown",

@@ -1,4 +1,5 @@
-"""The report's figures: accuracy vs bits per weight and vs decode speed-up (with their Pareto fronts), and the
+"""The report's figures: accuracy vs bits per weight, vs decode speed-up and vs $ per 1M tokens (with their Pareto
+fronts), and the
 history of each Optuna study tuned for the experiment."""
 
 from __future__ import annotations
@@ -123,6 +124,22 @@ def plot_accuracy_vs_speed(runs: pd.DataFrame, title: str = "") -> Figure | None
     ax.set_xlabel("decode speed-up vs the reference (batch 1)")
     ax.set_ylabel(points.y_label[0])
     ax.set_title(f"{title}: accuracy vs speed".strip(": "))
+    return fig
+
+
+def plot_accuracy_vs_cost(runs: pd.DataFrame, title: str = "") -> Figure | None:
+    """Accuracy loss vs $ per million generated tokens (batch 1), runs that were profiled only; Pareto front:
+    cheaper and lower loss. None if no run logged ``usd_per_1m_tokens``."""
+    points = _points(runs, "metrics.usd_per_1m_tokens")
+    if points.empty:
+        return None
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    _scatter(ax, points, pareto_front(points.x, points.y))
+    _label(ax, points.x, points.y, points.label)
+    ax.set_xlabel("$ per 1M generated tokens (profile.cost.usd_per_hour / decode tok/s, batch 1)")
+    ax.set_ylabel(points.y_label[0])
+    ax.set_title(f"{title}: accuracy vs cost".strip(": "))
     return fig
 
 

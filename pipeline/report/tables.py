@@ -45,6 +45,16 @@ ARTICLE = {
 }
 
 
+# The precision table's columns the article has no word for, at batch 1.
+EFFICIENCY_COLUMNS = ("Energy J/token (measured)", "Energy J/token (est.)", "$/1M tokens", "Decode vs floor")
+EFFICIENCY_NOTE = (
+    "Energy J/token: per generated token at batch 1, over the decode's timed windows; (measured): a hardware "
+    "counter (RAPL or NVML, tag `energy_source`), (est.): CPU seconds times `profile.energy.watts_per_core` where "
+    "the machine has no counter, never mixed in one column. $/1M tokens: `profile.cost.usd_per_hour` over the "
+    "measured decode tok/s at batch 1. Decode vs floor: ms per decoded token over the time to read the weights "
+    "one step reads at the measured memory bandwidth (1x: only streaming weights)."
+)
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
@@ -58,6 +68,18 @@ def _speed_columns(runs: pd.DataFrame) -> dict[str, pd.Series]:
         "speed-up hi": num(runs, "metrics.speedup_vs_ref_ci_high"),
         "speed noise %": num(runs, "metrics.speed_noise_pct"),
         "speed-up is win": num(runs, "metrics.speedup_is_win"),
+    }
+
+
+def _efficiency_columns(runs: pd.DataFrame) -> dict[str, pd.Series]:
+    """Energy per generated token (measured by a counter, or the CPU-seconds estimate: two columns, never
+    one), cost per million tokens and decode time over the memory-bandwidth floor, at batch 1 (raw values)."""
+    return {
+        "energy J/token": num(runs, "metrics.energy_j_per_token"),
+        "energy J/token (est.)": num(runs, "metrics.energy_j_per_token_est"),
+        "energy source": col(runs, "tags.energy_source"),
+        "$/1M tokens": num(runs, "metrics.usd_per_1m_tokens"),
+        "decode vs floor": num(runs, "metrics.decode_vs_floor"),
     }
 
 
@@ -94,6 +116,7 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "mem -% layers": 100 * (1 - bpw / 16),  # vs fp16 over the quantized layers
             "mem -% model": num(runs, "metrics.mem_reduction_vs_fp16_pct"),
             **_speed_columns(runs),
+            **_efficiency_columns(runs),
             "stability (std)": acc["std"],
             "tuned settings": [
                 tuned_cell(*cells)
@@ -131,6 +154,16 @@ def _speed_cells(table: pd.DataFrame) -> list[str]:
     return [speed_cell(*v) for v in zip(*(table[c] for c in columns))]
 
 
+def _efficiency_cells(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Energy (measured / estimated, apart), cost and decode vs floor as they read in the tables."""
+    return {
+        "energy J/token (measured)": [cell(v, "{:.3g}") for v in table["energy J/token"]],
+        "energy J/token (est.)": [cell(v, "{:.3g}") for v in table["energy J/token (est.)"]],
+        "$/1M tokens": [cell(v, "{:.3g}") for v in table["$/1M tokens"]],
+        "decode vs floor": [cell(v, "{:.1f}x") for v in table["decode vs floor"]],
+    }
+
+
 def method_cells(table: pd.DataFrame) -> pd.DataFrame:
     """The method table as it reads in methods.md: intervals next to their figures, flags marked."""
     t = table
@@ -155,6 +188,7 @@ def method_cells(table: pd.DataFrame) -> pd.DataFrame:
             "decode tok/s": [cell(v, "{:.1f}") for v in t["decode tok/s"]],
             "speed-up [95% CI]": _speed_cells(t),
             "speed noise": [cell(v, "±{:.1f}%") for v in t["speed noise %"]],
+            **_efficiency_cells(t),
             "stability (std)": [cell(v, "±{:.3g}") for v in t["stability (std)"]],
             "tuned settings": t["tuned settings"],
             "kernels": [cell(v, "{}") for v in t["kernels"]],
@@ -199,6 +233,7 @@ def precision_table(runs: pd.DataFrame) -> pd.DataFrame:
             row = {"Precision": label, "best method": "no run"}
             for key in ("accuracy", "memory", "speed", "stability"):
                 row[key.capitalize()] = _pair("-", words.get(key))
+            row |= dict.fromkeys(EFFICIENCY_COLUMNS, "-")
             rows.append(row)
             continue
         run = best_run(group)
@@ -222,6 +257,18 @@ def precision_table(runs: pd.DataFrame) -> pd.DataFrame:
             run_value(run, "metrics.speed_noise_pct"),
             run_value(run, "metrics.speedup_is_win"),
         )
+        efficiency = dict(
+            zip(
+                EFFICIENCY_COLUMNS,
+                (
+                    cell(run_value(run, "metrics.energy_j_per_token"), "{:.3g}"),
+                    cell(run_value(run, "metrics.energy_j_per_token_est"), "{:.3g}"),
+                    cell(run_value(run, "metrics.usd_per_1m_tokens"), "{:.3g}"),
+                    cell(run_value(run, "metrics.decode_vs_floor"), "{:.1f}x"),
+                ),
+                strict=True,
+            )
+        )
         stability = "not repeated" if missing(std) else f"±{std:.3g} ({metric} std, seeds {run.get('tags.repeats')})"
         setting = setting_text(*(run.get(f) for f in SETTING_FIELDS))
         best = run.get("tags.method") if setting == "-" else f"{run.get('tags.method')} ({setting})"
@@ -234,6 +281,7 @@ def precision_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "Memory": _pair(memory, words.get("memory")),
                 "Speed": _pair(speed, words.get("speed")),
                 "Stability": _pair(stability, words.get("stability")),
+                **efficiency,
             }
         )
     return pd.DataFrame(rows)
@@ -261,7 +309,9 @@ def methods_markdown(experiment: str, runs: pd.DataFrame) -> str:
         "reference in the same process, [95% CI]; speed noise: the reference timed against itself; ~noise: not a "
         "win (the interval does not clear 1 + noise). mem -%: memory reduction vs fp16 over the quantized layers "
         "(100·(1 − bits/16)) / the whole model. stability: std of the accuracy metric across seeds, for methods "
-        "repeated over seeds. gen match: `gen_match_rate`.\n\n"
+        "repeated over seeds. gen match: `gen_match_rate`. "
+        + EFFICIENCY_NOTE
+        + "\n\n"
         + flag_notes(runs)
         + to_markdown(method_cells(method_table(runs)))
     )
@@ -284,7 +334,9 @@ def precision_markdown(experiment: str, runs: pd.DataFrame) -> str:
         f"(not told apart). Accuracy: drop vs the reference (lower is better), {CI_NOTE}; sig.: the "
         "interval excludes 0. Memory: reduction vs fp16 over quantized layers / whole model (a reference "
         "stored wider than fp16 is negative). Speed: decode speed-up vs the reference, batch 1, [95% CI]; "
-        "~noise: inside the noise floor, not a win. Stability: std of the accuracy metric across seeds.\n\n"
+        "~noise: inside the noise floor, not a win. Stability: std of the accuracy metric across seeds. "
+        + EFFICIENCY_NOTE
+        + "\n\n"
         + left_out
         + to_markdown(precision_table(runs))
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline import tracking
-from pipeline.report.plots import plot_accuracy_vs_bits, plot_accuracy_vs_speed, plot_studies
+from pipeline.report.plots import plot_accuracy_vs_bits, plot_accuracy_vs_cost, plot_accuracy_vs_speed, plot_studies
 from pipeline.report.provenance import check_provenance
 from pipeline.report.runs import SUMMARY_TAG, col, load_runs
 from pipeline.report.tables import (
@@ -58,10 +58,11 @@ def write_report(
     figures = {
         "accuracy_vs_bits.png": plot_accuracy_vs_bits(runs, experiment),
         "accuracy_vs_speed.png": plot_accuracy_vs_speed(runs, experiment),
+        "accuracy_vs_cost.png": plot_accuracy_vs_cost(runs, experiment),
     }
     for name, fig in figures.items():
         if fig is None:
-            log.info("%s: no run has speedup_vs_ref, no %s", experiment, name)
+            log.info("%s: no run was profiled (speedup_vs_ref, usd_per_1m_tokens), no %s", experiment, name)
             (out_dir / name).unlink(missing_ok=True)  # a stale plot would contradict the tables
             continue
         fig.savefig(out_dir / name, dpi=120)
