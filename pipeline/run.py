@@ -17,7 +17,19 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import calibrate, evaluate, generation, layers, profile, published_grid, quantize, tasks, tracking, train
+from pipeline import (
+    calibrate,
+    evaluate,
+    generation,
+    kept,
+    layers,
+    profile,
+    published_grid,
+    quantize,
+    tasks,
+    tracking,
+    train,
+)
 from pipeline.data import calibration_batches
 from pipeline.load import load_model, resolve_model_path
 
@@ -50,6 +62,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
     check_method(method)
+    quantize.check_storage(container["layers"])
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
     if task_cfg["names"]:
@@ -173,6 +186,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if quantizing:
         selected, _ = layers.select_layers(model, container["layers"])
         layers.check_group_size(method, selected)
+        quantize.check_embeddings(model, container["layers"])
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
@@ -199,6 +213,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     )
     del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     _log_layer_table(records)
+    mlflow.set_tag("kept_layers", kept.describe_kept(model))  # what the method left float, and how it is stored
     record(
         {
             "quantize_s": time.perf_counter() - start,
