@@ -263,8 +263,9 @@ def methods_markdown(experiment: str, runs: pd.DataFrame) -> str:
         "reference in the same process, [95% CI]; speed noise: the reference timed against itself; ~noise: not a "
         "win (the interval does not clear 1 + noise). mem -%: memory reduction vs fp16 over the quantized layers "
         "(100·(1 − bits/16)) / the whole model (everything stored, in its stored dtype, a tied table once); kept: "
-        "what the method left unquantized and how it is stored (`kept_layers`: the embeddings, in `layers.keep_dtype` or on "
-        "`layers.embeddings`' grid, and the norms). stability: std of the accuracy metric across seeds, for methods "
+        "what the method left unquantized and how it is stored (`kept_layers`: the embeddings, in "
+        "`layers.keep_dtype` or on `layers.embeddings`' grid, and the norms). stability: std of the accuracy "
+        "metric across seeds, for methods "
         "repeated over seeds. gen match: `gen_match_rate`.\n\n"
         + flag_notes(runs)
         + to_markdown(method_cells(method_table(runs)))
@@ -288,7 +289,8 @@ def precision_markdown(experiment: str, runs: pd.DataFrame) -> str:
         f"(not told apart). Accuracy: drop vs the reference (lower is better), {CI_NOTE}; sig.: the "
         "interval excludes 0. Memory: reduction vs fp16 over quantized layers / whole model (everything "
         "stored, the embeddings and norms in their stored dtype; a reference stored wider than fp16 is "
-        "negative). Speed: decode speed-up vs the reference, batch 1, [95% CI]; ~noise: inside the noise floor, not a win. Stability: std of the accuracy metric across seeds.\n\n"
+        "negative). Speed: decode speed-up vs the reference, batch 1, [95% CI]; ~noise: inside the noise floor, "
+        "not a win. Stability: std of the accuracy metric across seeds.\n\n"
         + left_out
         + to_markdown(precision_table(runs))
     )
