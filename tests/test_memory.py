@@ -22,9 +22,9 @@ def untied_llama():
     return model
 
 
-def _quantize(model, *overrides, method="group_wise"):
+def _quantize(model, *overrides, method="group_wise", method_overrides=()):
     footprint = profile.parameter_footprint(model)
-    records = quantize.quantize_model(model, method_cfg(method), layers_cfg(*overrides))
+    records = quantize.quantize_model(model, method_cfg(method, *method_overrides), layers_cfg(*overrides))
     return records, profile.memory_metrics(model, *footprint)
 
 
@@ -164,3 +164,54 @@ def test_storage_config_is_checked_without_a_model():
     quantize.check_storage(layers_cfg(INT8_ROWS))
     with pytest.raises(ValueError, match="layers.keep_dtype must be one of"):
         quantize.check_storage(layers_cfg("layers.keep_dtype=fp8"))
+
+
+def tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=32,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_scaled_embeddings_keep_their_scale_when_quantized_or_kept():
+    """Gemma multiplies looked-up rows by sqrt(hidden); a QuantEmbedding must too, and kept storage keeps fp32 out."""
+    model = tiny_gemma3()
+    scale = float(model.model.embed_tokens.embed_scale)
+    reference = model(input_ids=IDS).logits
+    kept_model = tiny_gemma3()
+    _quantize(kept_model)
+    assert kept_model.model.embed_tokens(IDS).dtype == torch.float32
+    assert kept_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    _quantize(model, INT8_ROWS)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and embed.embed_scale == pytest.approx(scale) and scale != 1
+    assert torch.allclose(embed(IDS), embed.dequantized_weight()[IDS] * scale)
+    logits = model(input_ids=IDS).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree > 0.5  # 4-bit layers and an 8-bit table still track the float model
+
+
+def test_a_kept_vision_tower_is_stored_16_bit_and_still_runs():
+    from test_layer_coverage import tiny_llava
+
+    model = tiny_llava().eval()
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, 16), 127), torch.tensor([[5, 6, 7]])], 1)  # 16 patches
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = model(input_ids=ids, pixel_values=pixels).logits
+    _quantize(model, method_overrides=["method.group_size=32"])
+    tower = model.model.vision_tower
+    assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
+    logits = model(input_ids=ids, pixel_values=pixels).logits
+    assert logits.dtype == torch.float32 and (logits - reference).abs().max() < 0.2
