@@ -215,3 +215,16 @@ def test_a_kept_vision_tower_is_stored_16_bit_and_still_runs():
     assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
     logits = model(input_ids=ids, pixel_values=pixels).logits
     assert logits.dtype == torch.float32 and (logits - reference).abs().max() < 0.2
+
+
+def test_a_kept_lm_head_reads_its_16_bit_weight_at_any_number_of_rows():
+    model = tiny_llama()
+    _quantize(model)
+    head = model.lm_head
+    stored = head.weight.detach().float()  # the bf16 values, exactly
+    for rows in (1, 16, 17, 300):  # decode multiplies in bf16; more rows upcast the weight (pipeline.kept)
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        y = head(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, 512)
+        tolerance = 0.05 if rows <= 16 else 1e-5
+        assert torch.allclose(y, x @ stored.T, atol=tolerance, rtol=0.02)
