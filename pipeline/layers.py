@@ -115,6 +115,7 @@ class Embeddings:
 
 
 def embedding_modules(model: nn.Module) -> Embeddings:
+    """The model's input and output embeddings (HF's get_input_embeddings / get_output_embeddings)."""
     get = getattr(model, "get_input_embeddings", None)
     embed = get() if callable(get) else None
     head = _output_embeddings(model)
@@ -168,7 +169,7 @@ def select_layers(
             kept[name] = LM_HEAD
         elif module is embeddings.input:
             kept[name] = INPUT_EMBEDDING
-        elif module is not lm_head and cfg["scope"] == "text_decoder" and not _inside(name, decoder_name):
+        elif cfg["scope"] == "text_decoder" and not _inside(name, decoder_name):
             vision = re.search(r"vision|visual|image", name, re.IGNORECASE)
             kept[name] = "vision tower (outside the text decoder)" if vision else "outside the text decoder"
         elif isinstance(module, nn.Embedding):

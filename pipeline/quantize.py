@@ -168,6 +168,11 @@ def embedding_quant(layers_cfg: Mapping) -> EmbeddingQuant | None:
 
 def check_storage(layers_cfg: Mapping) -> None:
     """``layers.keep_dtype`` and ``layers.embeddings``, checked before any work."""
+    if "quantize_lm_head" in layers_cfg:  # removed: a +layers.quantize_lm_head=... must not pass unread
+        raise ValueError(
+            "layers.quantize_lm_head is gone: the lm_head (with the input embedding, a tied table once) is "
+            "quantized by layers.embeddings, e.g. layers.embeddings={bits:8,symmetric:true,granularity:per_channel}"
+        )
     keep_dtype(layers_cfg["keep_dtype"])
     embedding_quant(layers_cfg)
 

@@ -164,6 +164,8 @@ def test_storage_config_is_checked_without_a_model():
     quantize.check_storage(layers_cfg(INT8_ROWS))
     with pytest.raises(ValueError, match="layers.keep_dtype must be one of"):
         quantize.check_storage(layers_cfg("layers.keep_dtype=fp8"))
+    with pytest.raises(ValueError, match="layers.quantize_lm_head is gone: .* layers.embeddings"):
+        quantize.check_storage(layers_cfg("+layers.quantize_lm_head=true"))
 
 
 def tiny_gemma3():
