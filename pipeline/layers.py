@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pipeline.algorithms.sequential import text_decoder
+from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import QuantLinear
 from pipeline.train import FakeQuantLinear
 
@@ -24,6 +25,9 @@ LINEAR_TYPES = (nn.Linear, Conv1D, FakeQuantLinear)  # what a QuantLinear can re
 SCOPES = ("text_decoder", "all")
 KNOWING_EXCLUSION = "matched by layers.exclude"
 FUSED_EXPERTS = "fused MoE experts (3-D parameter): no QuantLinear for it"
+# The embeddings follow layers.embeddings, never layers.include (that way a tied table is quantized once).
+INPUT_EMBEDDING = "input embedding (quantized only by layers.embeddings)"
+LM_HEAD = "lm_head (quantized only by layers.embeddings)"
 
 
 def _in_features(module: nn.Module) -> int:
@@ -46,7 +50,7 @@ class WeightMatrix:
     name: str
     module: nn.Module
     shape: tuple[int, ...]
-    tensor: torch.Tensor | None  # the float tensor; None once the layer is a QuantLinear
+    tensor: torch.Tensor | None  # the float tensor; None once the layer is a QuantLinear or QuantEmbedding
 
     @property
     def numel(self) -> int:
@@ -59,6 +63,8 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             matrices.append(WeightMatrix(name, module, (module.out_features, module.in_features), None))
+        elif isinstance(module, QuantEmbedding):  # named as the nn.Embedding's weight it replaced
+            matrices.append(WeightMatrix(f"{name}.weight", module, (module.num_embeddings, module.embedding_dim), None))
         elif isinstance(module, LINEAR_TYPES):
             matrices.append(WeightMatrix(name, module, tuple(float_weight(module).shape), module.weight))
         else:
@@ -78,9 +84,55 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def storage_ptr(module: nn.Module) -> int:
+    """Where a (quantized or float) weight's data lives: equal for a tied embedding and lm_head."""
+    return (module.packed if isinstance(module, (QuantLinear, QuantEmbedding)) else module.weight).data_ptr()
+
+
+@dataclass
+class Embeddings:
+    """The input embedding and the output embedding (lm_head) of a model, with their module names."""
+
+    input: nn.Module | None
+    input_name: str | None
+    output: nn.Module | None
+    output_name: str | None
+
+    @property
+    def tied(self) -> bool:
+        """One stored table serves both (HF ties ``lm_head.weight`` to ``embed_tokens.weight``)."""
+        return (
+            self.input is not None and self.output is not None and storage_ptr(self.input) == storage_ptr(self.output)
+        )
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.input, self.output) if m is not None]
+
+
+def embedding_modules(model: nn.Module) -> Embeddings:
+    """The model's input and output embeddings (HF's get_input_embeddings / get_output_embeddings)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embed = get() if callable(get) else None
+    head = _output_embeddings(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return Embeddings(
+        embed,
+        names.get(id(embed)) if embed is not None else None,
+        head,
+        names.get(id(head)) if head is not None else None,
+    )
+
+
 def _is_embedding(matrix: WeightMatrix, lm_head: nn.Module | None) -> bool:
     """Input or output embeddings: kept on purpose, so outside the coverage check."""
-    return isinstance(matrix.module, nn.Embedding) or (lm_head is not None and matrix.module is lm_head)
+    return isinstance(matrix.module, (nn.Embedding, QuantEmbedding)) or (
+        lm_head is not None and matrix.module is lm_head
+    )
 
 
 def _not_linear_reason(matrix: WeightMatrix) -> str:
@@ -105,16 +157,19 @@ def select_layers(
         raise ValueError(f"layers.scope must be one of {', '.join(SCOPES)}, got {cfg['scope']!r}")
     include = [re.compile(p) for p in cfg["include"]]
     exclude = [re.compile(p) for p in cfg["exclude"]]
-    lm_head = _output_embeddings(model)
+    embeddings = embedding_modules(model)
+    lm_head = embeddings.output
     decoder_name, _ = text_decoder(model)
     matrices = weight_matrices(model)
     selected, kept = {}, {}
     for matrix in matrices:
         name, module = matrix.name, matrix.module
         excluded = any(p.fullmatch(name) for p in exclude)
-        if module is lm_head and not cfg["quantize_lm_head"]:
-            kept[name] = "lm_head kept (layers.quantize_lm_head=false)"
-        elif module is not lm_head and cfg["scope"] == "text_decoder" and not _inside(name, decoder_name):
+        if module is lm_head:
+            kept[name] = LM_HEAD
+        elif module is embeddings.input:
+            kept[name] = INPUT_EMBEDDING
+        elif cfg["scope"] == "text_decoder" and not _inside(name, decoder_name):
             vision = re.search(r"vision|visual|image", name, re.IGNORECASE)
             kept[name] = "vision tower (outside the text decoder)" if vision else "outside the text decoder"
         elif isinstance(module, nn.Embedding):
@@ -124,7 +179,7 @@ def select_layers(
             kept[name] = f"{KNOWING_EXCLUSION} ({why})" if excluded else why
         elif excluded:  # before include: an explicit exclusion is the knowing reason
             kept[name] = KNOWING_EXCLUSION
-        elif module is not lm_head and not any(p.fullmatch(name) for p in include):
+        elif not any(p.fullmatch(name) for p in include):
             kept[name] = "not matched by layers.include"
         else:
             selected[name] = module
@@ -177,11 +232,11 @@ def coverage_metrics(model: nn.Module) -> dict[str, float]:
     for m in weight_matrices(model):
         if not (_inside(m.name, decoder_name) or (lm_head is not None and m.module is lm_head)):
             continue
-        if m.tensor is not None:
-            if m.tensor.data_ptr() in seen:
-                continue
-            seen.add(m.tensor.data_ptr())
-        is_quantized = isinstance(m.module, QuantLinear)
+        is_quantized = isinstance(m.module, (QuantLinear, QuantEmbedding))
+        storage = m.module.packed if is_quantized else m.tensor
+        if storage.data_ptr() in seen:  # a tied table, float or quantized, counts once
+            continue
+        seen.add(storage.data_ptr())
         total += m.numel
         quantized += m.numel * is_quantized
         if not _is_embedding(m, lm_head):

@@ -35,7 +35,9 @@ from torch import nn
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
 from pipeline.generation import Generation, greedy
+from pipeline.layers import embedding_modules, storage_ptr
 from pipeline.progress import progress
+from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -49,28 +51,73 @@ def _unique_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
             yield p
 
 
+def _stored_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """What one module stores of the model's weights: a quantized layer's buffers (packed codes, scales,
+    zero points, bias, low-rank factors...), any other module's own parameters."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        return list(module.buffers(recurse=False))
+    return list(module.parameters(recurse=False))
+
+
+def _bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the tensors not counted yet (a tied or shared tensor once, by its data pointer)."""
+    total = 0
+    for t in tensors:
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _table_numel(module: nn.Module) -> int:
+    if isinstance(module, QuantLinear):
+        return module.out_features * module.in_features
+    if isinstance(module, QuantEmbedding):
+        return module.num_embeddings * module.embedding_dim
+    return module.weight.numel()
+
+
 def memory_metrics(model: nn.Module, reference_param_count: int, reference_bytes: int) -> dict[str, float]:
-    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    quant_bytes = sum(m.weight_bytes for m in qlayers)
+    """Memory as stored, against fp16 and against the reference as loaded (``reference_*``: its weight
+    count and bytes, ``parameter_footprint``).
+
+    Everything stored counts, each tensor once, in its real dtype: ``embedding_bytes`` (input
+    embedding and lm_head, float or quantized; a tied table once), ``quantized_bytes`` (the layers the
+    method quantized: codes, scales, zero points, biases, low-rank factors) and ``kept_bytes`` (the
+    rest: norms, excluded layers, ...), which sum to ``weight_bytes``. ``bits_per_weight`` and
+    ``layers_reduction_vs_fp16_pct`` are over the method's quantized layers (embeddings aside);
+    ``mem_reduction_vs_fp16_pct`` over the whole model.
+    """
+    embeddings = embedding_modules(model).modules()
+    seen: set[int] = set()
+    embedding_bytes = _bytes([t for m in embeddings for t in _stored_tensors(m)], seen)
+    embedding_weights = sum({storage_ptr(m): _table_numel(m) for m in embeddings}.values())  # tied once
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear) and not any(m is e for e in embeddings)]
+    quant_bytes = _bytes([t for m in qlayers for t in _stored_tensors(m)], seen)
     quant_weights = sum(m.in_features * m.out_features for m in qlayers)
-    other_bytes = sum(p.numel() * p.element_size() for p in _unique_parameters(model))
-    weight_bytes = quant_bytes + other_bytes
+    kept_bytes = _bytes([t for m in model.modules() for t in _stored_tensors(m)], seen)
+    weight_bytes = embedding_bytes + quant_bytes + kept_bytes
     metrics = {
         "weight_bytes": float(weight_bytes),
         "weight_mb": weight_bytes / 2**20,
+        "embedding_bytes": float(embedding_bytes),
+        "quantized_bytes": float(quant_bytes),
+        "kept_bytes": float(kept_bytes),
         "bits_per_weight_model": 8 * weight_bytes / reference_param_count,
         "compression_ratio": reference_bytes / weight_bytes,
         "mem_reduction_vs_fp16_pct": 100 * (1 - weight_bytes / (2 * reference_param_count)),
-        "kernel_cache_bytes": float(sum(m.kernel_cache_bytes for m in qlayers)),
+        "kernel_cache_bytes": float(sum(m.kernel_cache_bytes for m in model.modules() if isinstance(m, QuantLinear))),
         "quantized_layers": float(len(qlayers)),
     }
+    if embedding_weights:
+        metrics["embedding_bits_per_weight"] = 8 * embedding_bytes / embedding_weights
     # Over quantized layers; a model with none reports its parameters' own width.
     if quant_weights:
         metrics["bits_per_weight"] = 8 * quant_bytes / quant_weights
     else:
-        metrics["bits_per_weight"] = 8 * other_bytes / reference_param_count
+        metrics["bits_per_weight"] = 8 * weight_bytes / reference_param_count
     # The article's "memory reduction" is against FP16; over quantized layers it isolates the method
-    # from what the method leaves alone (here: a large fp32 embedding).
+    # from what the method leaves alone (the embeddings, norms).
     metrics["layers_reduction_vs_fp16_pct"] = 100 * (1 - metrics["bits_per_weight"] / 16)
     return metrics
 

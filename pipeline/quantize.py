@@ -22,8 +22,18 @@ from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
 from pipeline.algorithms.sequential import LayerInputs, run_blocks
 from pipeline.calibrate import ActivationStats, activation_qparams
-from pipeline.layers import check_group_size, float_weight, select_layers, weight_matrices
+from pipeline.kept import describe_kept, keep_dtype, store_kept
+from pipeline.layers import (
+    WeightMatrix,
+    check_group_size,
+    embedding_modules,
+    float_weight,
+    select_layers,
+    set_module,
+    weight_matrices,
+)
 from pipeline.profile import torch_threads
+from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
 from pipeline.train import FakeQuantLinear, converted
@@ -31,6 +41,8 @@ from pipeline.train import FakeQuantLinear, converted
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "group")
+EMBEDDING_GRANULARITIES = ("per_channel", "group")  # one scale per row, or per group of a row
+EMBEDDING_KEYS = {"bits", "symmetric", "granularity", "group_size"}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -51,6 +63,7 @@ class LayerRecord:
     kernel_note: str = ""
     weight_bytes: int = 0
     kernel_cache_bytes: int = 0
+    dtype: str | None = None  # how a kept (unquantized) matrix is stored, e.g. "bfloat16"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +116,92 @@ def check_granularity(method: Mapping) -> None:
         raise ValueError(
             f"method.group_size={group_size} only applies to granularity=group "
             f"(this method is {granularity}); also set method.granularity=group"
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddingQuant:
+    """``layers.embeddings``: how the input embedding and the lm_head are quantized (round to nearest)."""
+
+    spec: QuantSpec
+    granularity: str
+    group_size: int | None
+
+    def block_size(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return block_size_for(shape, self.granularity, self.group_size)
+
+
+def embedding_quant(layers_cfg: Mapping) -> EmbeddingQuant | None:
+    """``layers.embeddings`` as a spec, checked without a model; None keeps them in ``layers.keep_dtype``."""
+    cfg = layers_cfg.get("embeddings")
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping):
+        raise ValueError(
+            "layers.embeddings must be null or a mapping like {bits: 8, symmetric: true, granularity: per_channel}, "
+            f"got {cfg!r}"
+        )
+    unknown, missing = set(cfg) - EMBEDDING_KEYS, {"bits", "symmetric", "granularity"} - set(cfg)
+    if unknown or missing:
+        raise ValueError(
+            f"layers.embeddings takes {', '.join(sorted(EMBEDDING_KEYS))} (group_size only with granularity=group); "
+            f"unknown: {sorted(unknown) or 'none'}, missing: {sorted(missing) or 'none'}"
+        )
+    granularity, group_size = cfg["granularity"], cfg.get("group_size")
+    if granularity not in EMBEDDING_GRANULARITIES:
+        raise ValueError(
+            f"layers.embeddings.granularity must be one of {', '.join(EMBEDDING_GRANULARITIES)}, got {granularity!r}"
+        )
+    if (granularity == "group") != (group_size is not None):
+        raise ValueError(
+            f"layers.embeddings.group_size goes with granularity=group and only with it "
+            f"(granularity={granularity}, group_size={group_size})"
+        )
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"layers.embeddings.group_size must be a positive integer, got {group_size!r}")
+    if not isinstance(cfg["symmetric"], bool):
+        raise ValueError(f"layers.embeddings.symmetric must be true or false, got {cfg['symmetric']!r}")
+    with _config_key("layers.embeddings"):
+        spec = QuantSpec(bits=cfg["bits"], symmetric=cfg["symmetric"])
+    return EmbeddingQuant(spec, granularity, group_size)
+
+
+def check_storage(layers_cfg: Mapping) -> None:
+    """``layers.keep_dtype`` and ``layers.embeddings``, checked before any work."""
+    if "quantize_lm_head" in layers_cfg:  # removed: a +layers.quantize_lm_head=... must not pass unread
+        raise ValueError(
+            "layers.quantize_lm_head is gone: the lm_head (with the input embedding, a tied table once) is "
+            "quantized by layers.embeddings, e.g. layers.embeddings={bits:8,symmetric:true,granularity:per_channel}"
+        )
+    keep_dtype(layers_cfg["keep_dtype"])
+    embedding_quant(layers_cfg)
+
+
+def check_embeddings(model: nn.Module, layers_cfg: Mapping) -> None:
+    """That ``layers.embeddings`` fits this model's embedding table (group size, whole-byte rows)."""
+    options = embedding_quant(layers_cfg)
+    if options is None:
+        return
+    embed = embedding_modules(model).input
+    if embed is None:
+        raise ValueError("layers.embeddings is set but this model has no input embedding (get_input_embeddings)")
+    dim = embed.weight.shape[1]
+    if options.group_size is not None and dim % options.group_size:
+        raise ValueError(
+            f"layers.embeddings.group_size {options.group_size} does not divide the embedding dimension {dim}"
+        )
+    if dim * options.spec.bits % 8:
+        raise ValueError(
+            f"layers.embeddings.bits={options.spec.bits}: a row of {dim} codes is not a whole number of bytes, "
+            "so rows could not be looked up in the packed table; pick bits with embedding_dim * bits % 8 == 0"
+        )
+    if getattr(embed, "max_norm", None) is not None:
+        raise ValueError("the input embedding renormalizes rows (max_norm): a quantized table cannot do that")
+    scaled = isinstance(embed, nn.Embedding) and isinstance(getattr(embed, "embed_scale", None), torch.Tensor)
+    if type(embed) is not nn.Embedding and not scaled:
+        raise ValueError(
+            f"the input embedding is a {type(embed).__name__}, whose lookup QuantEmbedding does not reproduce "
+            "(it knows nn.Embedding and HF's scaled embeddings with an embed_scale); set layers.embeddings=null"
         )
 
 
@@ -227,11 +326,6 @@ def layer_method(method: Mapping, name: str) -> Mapping:
     return method
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _quantize_layer(
     model: nn.Module,
     name: str,
@@ -275,7 +369,7 @@ def _quantize_layer(
     )
     reference = weight if reference is None else reference
     error = (qlayer.effective_weight() - reference).norm() / reference.norm().clamp_min(1e-12)
-    _set_module(model, name, qlayer)
+    set_module(model, name, qlayer)
     return LayerRecord(
         layer=name,
         shape=str(tuple(weight.shape)),
@@ -293,6 +387,97 @@ def _quantize_layer(
     )
 
 
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations flow in: the one the model was loaded in (its first floating parameter's)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _kept_records(matrices: list[WeightMatrix], kept: Mapping[str, str]) -> list[LayerRecord]:
+    """Rows for the matrices left float, read once they are stored (dtype and bytes as stored; tied once)."""
+    records, first = [], {}
+    for m in matrices:
+        ptr = m.tensor.data_ptr()
+        tied_to = first.setdefault(ptr, m.name)
+        stored_once = tied_to != m.name
+        records.append(
+            LayerRecord(
+                layer=m.name,
+                shape=str(m.shape),
+                quantized=False,
+                reason=kept[m.name] + (f" (tied to {tied_to}: stored once, counted there)" if stored_once else ""),
+                weight_bytes=0 if stored_once else m.tensor.numel() * m.tensor.element_size(),
+                dtype=str(m.tensor.dtype).removeprefix("torch."),
+                kernel=getattr(m.module, "kernel", None),  # a kept linear layer's decode path (pipeline.kept)
+            )
+        )
+    return records
+
+
+def _embedding_record(
+    name: str,
+    module: QuantLinear | QuantEmbedding,
+    options: EmbeddingQuant,
+    error: torch.Tensor,
+    reason: str,
+    stored: bool,
+) -> LayerRecord:
+    is_linear = isinstance(module, QuantLinear)
+    shape = (module.out_features, module.in_features) if is_linear else (module.num_embeddings, module.embedding_dim)
+    return LayerRecord(
+        layer=name,
+        shape=str(shape),
+        quantized=True,
+        reason=reason,
+        bits=options.spec.bits,
+        granularity=options.granularity,
+        block_size=str(module.block_size),
+        grid=module.grid,
+        rel_error=float(error),
+        kernel=module.kernel if is_linear else None,
+        kernel_note=module.kernel_note if is_linear else "gathers the looked-up rows' codes and dequantizes those rows",
+        weight_bytes=module.weight_bytes if stored else 0,
+        kernel_cache_bytes=module.kernel_cache_bytes if is_linear else 0,
+    )
+
+
+def _relative_error(approx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (approx - weight).norm() / weight.norm().clamp_min(1e-12)
+
+
+def quantize_embeddings(
+    model: nn.Module, options: EmbeddingQuant, kernels: str, activation_dtype: torch.dtype
+) -> list[LayerRecord]:
+    """Quantize the input embedding (a QuantEmbedding) and the lm_head (a QuantLinear, so a real kernel
+    where one fits) by round to nearest on ``options``' grid; a tied table once, both sharing it."""
+    found = embedding_modules(model)
+    tied = found.tied
+    records, head = [], None
+    if found.output is not None:
+        if not isinstance(found.output, nn.Linear):
+            raise ValueError(f"layers.embeddings: the lm_head is a {type(found.output).__name__}, not an nn.Linear")
+        weight = found.output.weight.detach().float()
+        block = options.block_size(tuple(weight.shape))
+        head = QuantLinear.from_float(weight, options.spec, block, found.output.bias, kernel_preference=kernels)
+        set_module(model, found.output_name, head)
+        tie_note = f" (tied with {found.input_name}: quantized once, stored once, counted here)" if tied else ""
+        error = _relative_error(head.effective_weight(), weight)
+        records.append(_embedding_record(found.output_name, head, options, error, "layers.embeddings" + tie_note, True))
+    if found.input is not None:
+        weight = found.input.weight.detach().float()
+        block = options.block_size(tuple(weight.shape))
+        embed_scale = getattr(found.input, "embed_scale", None)
+        kwargs = {"output_dtype": activation_dtype, "embed_scale": None if embed_scale is None else float(embed_scale)}
+        if tied:
+            embed = QuantEmbedding.sharing(head, **kwargs)
+        else:
+            embed = QuantEmbedding.from_float(weight, options.spec, block, **kwargs)
+        set_module(model, found.input_name, embed)
+        reason = f"layers.embeddings (tied: {found.output_name}'s stored tensors)" if tied else "layers.embeddings"
+        error = _relative_error(embed.dequantized_weight(), weight)
+        records.append(_embedding_record(f"{found.input_name}.weight", embed, options, error, reason, not tied))
+    return records
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -304,21 +489,22 @@ def quantize_model(
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
+    Then, unless the method is ``fp`` (the model stays as loaded): the embeddings are quantized by
+    ``layers.embeddings`` if set, and every other parameter is stored in ``layers.keep_dtype``.
     ``stats`` (activation statistics of the float model) serve static activation quantization;
     ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ).
     """
+    check_storage(layers_cfg)
     selected, kept = select_layers(model, layers_cfg, check_coverage=method["algorithm"] != "none")
-    records = [
-        LayerRecord(layer=m.name, shape=str(m.shape), quantized=False, reason=kept[m.name])
-        for m in weight_matrices(model)
-        if m.name in kept
-    ]
+    kept_matrices = [m for m in weight_matrices(model) if m.name in kept]
     if method["algorithm"] == "none":
-        records += [
+        return _kept_records(kept_matrices, kept) + [
             LayerRecord(layer=n, shape=str(tuple(float_weight(m).shape)), quantized=False, reason="method fp")
             for n, m in selected.items()
         ]
-        return records
+    check_embeddings(model, layers_cfg)
+    store_dtype, embeddings = keep_dtype(layers_cfg["keep_dtype"]), embedding_quant(layers_cfg)
+    activation_dtype = _activation_dtype(model)
     check_algorithm(method)
     for name in selected:
         weight_spec(layer_method(method, name))
@@ -330,6 +516,7 @@ def quantize_model(
     if is_sequential(method) and calibration is None:
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
+    records: list[LayerRecord] = []
     if not is_sequential(method):
         for name, module in selected.items():
             records.append(_quantize_layer(model, name, module, method, kernels, act_stats=(stats or {}).get(name)))
@@ -372,6 +559,11 @@ def quantize_model(
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
         )
+    if embeddings is not None:
+        records += quantize_embeddings(model, embeddings, kernels, activation_dtype)
+        quantized_names = {r.layer for r in records}
+        kept_matrices = [m for m in kept_matrices if m.name not in quantized_names]
+    store_kept(model, store_dtype, activation_dtype)
     kernels_used = sorted({r.kernel for r in records if r.kernel})
-    log.info("quantized %d layers (%s)", len(selected), ", ".join(kernels_used))
-    return records
+    log.info("quantized %d layers (%s); kept: %s", len(selected), ", ".join(kernels_used), describe_kept(model))
+    return _kept_records(kept_matrices, kept) + records

@@ -22,6 +22,7 @@ from pipeline import (
     energy,
     evaluate,
     generation,
+    kept,
     layers,
     profile,
     published_grid,
@@ -65,6 +66,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     check_method(method)
     if container["kernels"] not in kernels.PREFERENCES:
         raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
+    quantize.check_storage(container["layers"])
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
     if task_cfg["names"]:
@@ -190,6 +192,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if quantizing:
         selected, _ = layers.select_layers(model, container["layers"])
         layers.check_group_size(method, selected)
+        quantize.check_embeddings(model, container["layers"])
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
@@ -216,6 +219,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     )
     del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     _log_layer_table(records)
+    mlflow.set_tag("kept_layers", kept.describe_kept(model))  # what the method left float, and how it is stored
     record(
         {
             "quantize_s": time.perf_counter() - start,

@@ -99,9 +99,14 @@ def test_gptq_beats_rtn_on_the_model_output():
 def test_sequential_methods_need_calibration_and_block_layers():
     with pytest.raises(ValueError, match="needs calibration batches"):
         quantize.quantize_model(tiny_llama(), method_cfg("gptq"), layers_cfg())
-    with pytest.raises(ValueError, match="lm_head is outside model.layers"):
+    model = tiny_llama()
+    model.model.adapter = torch.nn.Linear(64, 64)  # a linear layer of the decoder outside its blocks
+    with pytest.raises(ValueError, match="model.adapter is outside model.layers"):
         quantize.quantize_model(
-            tiny_llama(), method_cfg("gptq"), layers_cfg("layers.quantize_lm_head=true"), calibration=BATCHES
+            model,
+            method_cfg("gptq"),
+            layers_cfg(r"layers.include=['.*layers\.\d+\..*','model\.adapter']"),
+            calibration=BATCHES,
         )
 
 

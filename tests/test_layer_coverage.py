@@ -147,7 +147,7 @@ def test_vision_tower_is_left_out_by_default_and_listed():
     assert kept["model.vision_tower.encoder.layers.0.self_attn.q_proj"] == "vision tower (outside the text decoder)"
     assert kept["model.vision_tower.embeddings.patch_embedding.weight"] == "vision tower (outside the text decoder)"
     assert kept["model.multi_modal_projector.linear_1"] == "outside the text decoder"
-    assert kept["model.language_model.embed_tokens.weight"] == "embedding"
+    assert kept["model.language_model.embed_tokens.weight"] == layers.INPUT_EMBEDDING
     records = quantize.quantize_model(model, method_cfg("group_wise", "method.group_size=32"), layers_cfg())
     _assert_every_matrix_listed(model, records)
     every = layers.select_layers(tiny_llava(), layers_cfg("layers.scope=all"))[0]

@@ -37,7 +37,7 @@ def test_no_two_presets_are_the_same_config():
 def test_default_selection_is_every_decoder_linear_and_keeps_lm_head(llama):
     selected, kept = layers.select_layers(llama, layers_cfg())
     assert len(selected) == 2 * 7  # q k v o gate up down per block
-    assert kept == {"model.embed_tokens.weight": "embedding", "lm_head": "lm_head kept (layers.quantize_lm_head=false)"}
+    assert kept == {"model.embed_tokens.weight": layers.INPUT_EMBEDDING, "lm_head": layers.LM_HEAD}
     selected, kept = layers.select_layers(llama, layers_cfg("layers.exclude=[.*mlp.*]"))
     assert len(selected) == 2 * 4
     assert {k for k, reason in kept.items() if reason == "matched by layers.exclude"} == {
@@ -145,8 +145,13 @@ def test_memory_counts_packed_storage(llama):
     q = profile.memory_metrics(llama, n_params, ref_bytes)
     assert q["bits_per_weight"] == pytest.approx(4 + 16 / 64 + 4 / 64)
     linear_weights = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
-    embedding_bytes = 512 * 64 * 4 + (2 * 2 + 1) * 64 * 4  # tied embedding + norms stay fp32
-    assert q["weight_bytes"] == pytest.approx(linear_weights * 4.3125 / 8 + embedding_bytes)
+    # The tied embedding (once) and the norms are stored in layers.keep_dtype (bfloat16): 2 bytes each,
+    # not the 4 of the fp32 model they were loaded from.
+    embedding_bytes, norm_bytes = 512 * 64 * 2, (2 * 2 + 1) * 64 * 2
+    assert q["weight_bytes"] == pytest.approx(linear_weights * 4.3125 / 8 + embedding_bytes + norm_bytes)
+    assert (q["embedding_bytes"], q["kept_bytes"]) == (embedding_bytes, norm_bytes)
+    assert q["quantized_bytes"] == pytest.approx(linear_weights * 4.3125 / 8)
+    assert q["mem_reduction_vs_fp16_pct"] == pytest.approx(100 * (1 - q["weight_bytes"] / (2 * n_params)))
     assert q["compression_ratio"] > 1
 
 

@@ -115,6 +115,7 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "weight MB": num(runs, "metrics.weight_mb"),
             "mem -% layers": 100 * (1 - bpw / 16),  # vs fp16 over the quantized layers
             "mem -% model": num(runs, "metrics.mem_reduction_vs_fp16_pct"),
+            "kept": col(runs, "tags.kept_layers"),  # what the method left float and how it is stored
             **_speed_columns(runs),
             **_efficiency_columns(runs),
             "stability (std)": acc["std"],
@@ -185,6 +186,7 @@ def method_cells(table: pd.DataFrame) -> pd.DataFrame:
             ],
             "weight MB": [cell(v, "{:.1f}") for v in t["weight MB"]],
             "mem -% layers / model": _memory_cells(t),
+            "kept (stored as)": [cell(v, "{}") for v in t["kept"]],
             "decode tok/s": [cell(v, "{:.1f}") for v in t["decode tok/s"]],
             "speed-up [95% CI]": _speed_cells(t),
             "speed noise": [cell(v, "±{:.1f}%") for v in t["speed noise %"]],
@@ -302,13 +304,16 @@ def methods_markdown(experiment: str, runs: pd.DataFrame) -> str:
         + "\nΔppl % = 100·(ppl/ppl_ref − 1) and acc drop % (relative drop of zero-shot task accuracy, "
         "`acc_drop_pct`): vs the reference, lower is better; rows sorted by acc drop where measured, else Δppl. "
         "coverage %: the share of the text decoder's weights (embeddings and lm_head included) that bits/weight "
-        "covers (`quantized_weight_share`); the rest stays in its float dtype and counts in weight MB. "
+        "covers (`quantized_weight_share`); the rest stays float (in its stored dtype) and counts in weight MB. "
         f"{CI_NOTE}; a value without one comes from a run that logged none. "
         "≈ Δppl: the methods at the same nominal bits whose Δppl intervals overlap this one's (not told apart "
         "by this protocol). sig.: the accuracy drop's interval excludes 0. speed-up: decode at batch 1 vs the "
         "reference in the same process, [95% CI]; speed noise: the reference timed against itself; ~noise: not a "
         "win (the interval does not clear 1 + noise). mem -%: memory reduction vs fp16 over the quantized layers "
-        "(100·(1 − bits/16)) / the whole model. stability: std of the accuracy metric across seeds, for methods "
+        "(100·(1 − bits/16)) / the whole model (everything stored, in its stored dtype, a tied table once); kept: "
+        "what the method left unquantized and how it is stored (`kept_layers`: the embeddings, in "
+        "`layers.keep_dtype` or on `layers.embeddings`' grid, and the norms). stability: std of the accuracy "
+        "metric across seeds, for methods "
         "repeated over seeds. gen match: `gen_match_rate`. "
         + EFFICIENCY_NOTE
         + "\n\n"
@@ -332,9 +337,10 @@ def precision_markdown(experiment: str, runs: pd.DataFrame) -> str:
         "run per precision has the lowest zero-shot accuracy drop where runs measured tasks, else the "
         "lowest KL vs the reference; ≈ names the runs whose interval on that metric overlaps the best's "
         f"(not told apart). Accuracy: drop vs the reference (lower is better), {CI_NOTE}; sig.: the "
-        "interval excludes 0. Memory: reduction vs fp16 over quantized layers / whole model (a reference "
-        "stored wider than fp16 is negative). Speed: decode speed-up vs the reference, batch 1, [95% CI]; "
-        "~noise: inside the noise floor, not a win. Stability: std of the accuracy metric across seeds. "
+        "interval excludes 0. Memory: reduction vs fp16 over quantized layers / whole model (everything "
+        "stored, the embeddings and norms in their stored dtype; a reference stored wider than fp16 is "
+        "negative). Speed: decode speed-up vs the reference, batch 1, [95% CI]; ~noise: inside the noise floor, "
+        "not a win. Stability: std of the accuracy metric across seeds. "
         + EFFICIENCY_NOTE
         + "\n\n"
         + left_out
@@ -358,6 +364,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             "weight MB": num(runs, "metrics.weight_mb"),
             "mem -% layers": layers_pct,
             "mem -% model": num(runs, "metrics.mem_reduction_vs_fp16_pct"),
+            "kept": col(runs, "tags.kept_layers"),
             "ppl": num(runs, "metrics.ppl"),
             "ppl lo": num(runs, "metrics.ppl_ci_low"),
             "ppl hi": num(runs, "metrics.ppl_ci_high"),
@@ -386,6 +393,7 @@ def comparison_cells(table: pd.DataFrame) -> pd.DataFrame:
             "bits/weight": [cell(v, "{:.2f}") for v in t["bits/weight"]],
             "weight MB": [cell(v, "{:.1f}") for v in t["weight MB"]],
             "mem -% vs fp16 (layers / model)": _memory_cells(t),
+            "kept (stored as)": [cell(v, "{}") for v in t["kept"]],
             "ppl [95% CI]": _interval_cells(t, "ppl", "{:.2f}"),
             "Δppl % [95% CI]": _interval_cells(t, "Δppl %", "{:+.1f}"),
             "KL [95% CI]": _interval_cells(t, "KL", "{:.4f}"),
