@@ -13,9 +13,10 @@ from pipeline.quant.kernels.aten_int8 import AtenInt8WeightOnly
 from pipeline.quant.kernels.base import Kernel, LayerTensors
 from pipeline.quant.kernels.dequant import Dequant
 from pipeline.quant.kernels.int8_int_mm import Int8IntMM
+from pipeline.quant.kernels.lowbit_cpu import LowbitCpu
 
 DEQUANT = Dequant()
-REGISTRY: list[Kernel] = [Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), DEQUANT]
+REGISTRY: list[Kernel] = [Int8IntMM(), AtenInt8WeightOnly(), AtenInt4Groupwise(), LowbitCpu(), DEQUANT]
 BY_NAME: dict[str, Kernel] = {k.name: k for k in REGISTRY}
 PREFERENCES = ("auto", *BY_NAME)
 

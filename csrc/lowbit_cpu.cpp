@@ -1,0 +1,319 @@
+// Fused weight-only low-bit linear for CPU: y = x @ W.T straight from the packed bit stream.
+//
+// The weight is the canonical stored form of pipeline/quant/packing.py: a flat little-endian bit
+// stream of unsigned b-bit codes, code i = W[n, k] (row-major) at bits [i*b, (i+1)*b). With K a
+// multiple of 8 every row starts on a byte and every run of 8 codes is exactly b bytes, so the
+// kernel decodes 8 codes at a time from b bytes, never repacking the codes.
+//
+//   W[n, k] = (u[n, k] - z[n, j]) * s[n, j],  j = k / g
+//   y[m, n] = sum_j s[n, j] * (acc[m, n, j] - z[n, j] * xsum[m, j]),
+//   acc[m, n, j] = sum_{k in group j} u[n, k] * x[m, k],  xsum[m, j] = sum_{k in group j} x[m, k]
+//
+// Two paths: for few rows of x (decode) a register-blocked GEMV/GEMM that decodes each 8-code
+// chunk once and multiplies it into up to 4 rows of x; for many rows (prefill) a tile of weight
+// rows is dequantized into a small fp32 buffer (cache-resident) and multiplied with at::mm, so the
+// decode is amortized over all rows and the multiply runs at BLAS speed.
+//
+// The fast path needs AVX2 + FMA (compiled with -march=native); elsewhere a plain scalar path
+// computes the same thing.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWBIT_AVX2 1
+#endif
+
+namespace {
+
+// The rows of x from which the prefill path (dequantized tile + at::mm) beats the register-blocked one.
+constexpr int64_t kTileGemmMinRows = 32;
+// Dequantized weight tile of the prefill path, in floats: 512 KiB, about the size of L2.
+constexpr int64_t kTileFloats = 128 * 1024;
+
+struct Problem {
+  const float* x;          // [M, K]
+  const uint8_t* packed;   // [N * K * bits / 8]
+  const float* scale;      // [N, G]
+  const float* zero;       // [N, G]
+  const float* xsum;       // [M, G]
+  float* y;                // [M, N]
+  int64_t M, N, K, g, G, row_bytes;
+  // For b < 4 a chunk is read with a 4-byte load that can run up to 2 bytes past the chunk: the
+  // last row is read from this copy with padding, so no load passes the end of `packed`.
+  const uint8_t* last_row;
+
+  const uint8_t* row(int64_t n) const { return n == N - 1 ? last_row : packed + n * row_bytes; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar path (any CPU): also the reference for the decode of one code.
+template <int B>
+inline uint32_t code_at(const uint8_t* row, int64_t k) {
+  if constexpr (B == 8) {
+    return row[k];
+  } else {
+    const int64_t bit = k * B;
+    const int64_t byte = bit >> 3;
+    const int shift = static_cast<int>(bit & 7);
+    uint32_t window = row[byte];
+    if (shift + B > 8) window |= static_cast<uint32_t>(row[byte + 1]) << 8;  // 3-bit codes straddle bytes
+    return (window >> shift) & ((1u << B) - 1);
+  }
+}
+
+template <int B>
+void rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = p.row(n);
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      float y = 0.f;
+      for (int64_t j = 0; j < p.G; ++j) {
+        float acc = 0.f;
+        for (int64_t k = j * p.g; k < (j + 1) * p.g; ++k) acc += static_cast<float>(code_at<B>(w, k)) * x[k];
+        const float s = p.scale[n * p.G + j], z = p.zero[n * p.G + j];
+        y += s * (acc - z * p.xsum[m * p.G + j]);
+      }
+      p.y[m * p.N + n] = y;
+    }
+  }
+}
+
+template <int B>
+void dequant_rows_scalar(const Problem& p, int64_t n_begin, int64_t n_end, float* out) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = p.row(n);
+    float* o = out + (n - n_begin) * p.K;
+    for (int64_t k = 0; k < p.K; ++k) {
+      const int64_t j = k / p.g;
+      o[k] = (static_cast<float>(code_at<B>(w, k)) - p.zero[n * p.G + j]) * p.scale[n * p.G + j];
+    }
+  }
+}
+
+#ifdef LOWBIT_AVX2
+// ---------------------------------------------------------------------------------------------
+// AVX2 path.
+
+// Codes c0..c7 of the 8-code chunk that starts at `p` (b bytes), as floats.
+template <int B>
+inline __m256 decode8(const uint8_t* p) {
+  if constexpr (B == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    uint32_t word;
+    std::memcpy(&word, p, 4);  // b <= 4 bytes hold the 8 codes; the rest is ignored
+    const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(codes, _mm256_set1_epi32((1 << B) - 1)));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MR rows of x (from m0) times NR rows of W (from n0): each chunk is decoded once per weight row
+// and multiplied into MR accumulators; NR independent rows keep the FMA pipes busy at MR = 1.
+template <int B, int MR, int NR>
+void tile_avx2(const Problem& p, int64_t m0, int64_t n0) {
+  const uint8_t* w[NR];
+  for (int r = 0; r < NR; ++r) w[r] = p.row(n0 + r);
+  const float* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = p.x + (m0 + i) * p.K;
+  __m256 total[MR][NR];
+  float correction[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) total[i][r] = _mm256_setzero_ps(), correction[i][r] = 0.f;
+  const int64_t chunks = p.g / 8;
+  for (int64_t j = 0; j < p.G; ++j) {
+    __m256 acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+    const int64_t k0 = j * p.g;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k = k0 + 8 * c;
+      __m256 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x[i] + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 u = decode8<B>(w[r] + (k / 8) * B);
+        for (int i = 0; i < MR; ++i) acc[i][r] = _mm256_fmadd_ps(u, xv[i], acc[i][r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float s = p.scale[(n0 + r) * p.G + j];
+      const float sz = s * p.zero[(n0 + r) * p.G + j];
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int i = 0; i < MR; ++i) {
+        total[i][r] = _mm256_fmadd_ps(sv, acc[i][r], total[i][r]);
+        correction[i][r] += sz * p.xsum[(m0 + i) * p.G + j];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) p.y[(m0 + i) * p.N + n0 + r] = hsum(total[i][r]) - correction[i][r];
+}
+
+// All rows of x for weight rows [n0, n0 + NR): blocks of 4 rows of x, then the 1..3 left.
+template <int B, int NR>
+void rows_block_avx2(const Problem& p, int64_t n0) {
+  int64_t m = 0;
+  // At most 8 accumulator pairs (16 of the 16 ymm registers would spill).
+  if constexpr (NR == 1) {
+    for (; m + 4 <= p.M; m += 4) tile_avx2<B, 4, 1>(p, m, n0);
+  }
+  if constexpr (NR <= 2) {
+    for (; m + 2 <= p.M; m += 2) tile_avx2<B, 2, NR>(p, m, n0);
+  }
+  for (; m < p.M; ++m) tile_avx2<B, 1, NR>(p, m, n0);
+}
+
+template <int B>
+void rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  // Few rows of x: several weight rows at a time, so that enough accumulator chains are independent.
+  if (p.M == 1) {
+    for (; n + 4 <= n_end; n += 4) rows_block_avx2<B, 4>(p, n);
+  } else if (p.M < 4) {
+    for (; n + 2 <= n_end; n += 2) rows_block_avx2<B, 2>(p, n);
+  }
+  for (; n < n_end; ++n) rows_block_avx2<B, 1>(p, n);
+}
+
+template <int B>
+void dequant_rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end, float* out) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = p.row(n);
+    float* o = out + (n - n_begin) * p.K;
+    for (int64_t j = 0; j < p.G; ++j) {
+      const __m256 s = _mm256_set1_ps(p.scale[n * p.G + j]);
+      const __m256 z = _mm256_set1_ps(p.zero[n * p.G + j]);
+      for (int64_t k = j * p.g; k < (j + 1) * p.g; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(decode8<B>(w + (k / 8) * B), z), s));
+    }
+  }
+}
+#endif  // LOWBIT_AVX2
+
+template <int B>
+void rows(const Problem& p, int64_t n_begin, int64_t n_end) {
+#ifdef LOWBIT_AVX2
+  rows_avx2<B>(p, n_begin, n_end);
+#else
+  rows_scalar<B>(p, n_begin, n_end);
+#endif
+}
+
+template <int B>
+void dequant_rows(const Problem& p, int64_t n_begin, int64_t n_end, float* out) {
+#ifdef LOWBIT_AVX2
+  dequant_rows_avx2<B>(p, n_begin, n_end, out);
+#else
+  dequant_rows_scalar<B>(p, n_begin, n_end, out);
+#endif
+}
+
+template <int B>
+void run_register_blocked(const Problem& p) {
+  // Chunks of 4 weight rows so that the 4-row GEMV blocks stay whole inside each thread's range.
+  const int64_t blocks = (p.N + 3) / 4;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    rows<B>(p, begin * 4, std::min(end * 4, p.N));
+  });
+}
+
+template <int B>
+void run_tiled_gemm(const Problem& p, const at::Tensor& x, at::Tensor& y) {
+  const int64_t tile_rows = std::max<int64_t>(16, std::min<int64_t>(p.N, kTileFloats / p.K));
+  at::Tensor tile = at::empty({tile_rows, p.K}, x.options());
+  for (int64_t n0 = 0; n0 < p.N; n0 += tile_rows) {
+    const int64_t rows_here = std::min(tile_rows, p.N - n0);
+    float* out = tile.data_ptr<float>();
+    at::parallel_for(0, rows_here, 1, [&](int64_t begin, int64_t end) {
+      dequant_rows<B>(p, n0 + begin, n0 + end, out + begin * p.K);
+    });
+    at::Tensor y_cols = y.narrow(1, n0, rows_here);
+    at::mm_out(y_cols, x, tile.narrow(0, 0, rows_here).t());
+  }
+}
+
+template <int B>
+void dispatch(const Problem& p, const at::Tensor& x, at::Tensor& y) {
+  if (p.M >= kTileGemmMinRows) {
+    run_tiled_gemm<B>(p, x, y);
+  } else {
+    run_register_blocked<B>(p);
+  }
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t bits, int64_t n, int64_t k,
+                         int64_t group, const at::Tensor& scale, const at::Tensor& zero) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lowbit_linear: bits must be 2, 3, 4 or 8, got ",
+              bits);
+  TORCH_CHECK(k > 0 && k % 8 == 0, "lowbit_linear: in_features must be a positive multiple of 8, got ", k);
+  TORCH_CHECK(n > 0, "lowbit_linear: out_features must be positive, got ", n);
+  TORCH_CHECK(group > 0 && group % 8 == 0 && k % group == 0,
+              "lowbit_linear: group must be a multiple of 8 that divides in_features ", k, ", got ", group);
+  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu(), "lowbit_linear: CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "lowbit_linear: x must be (rows, ", k, "), got ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "lowbit_linear: x must be float32 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == n * k * bits / 8,
+              "lowbit_linear: packed must be contiguous uint8 with ", n * k * bits / 8, " bytes, got ",
+              packed.scalar_type(), " with ", packed.numel());
+  const int64_t groups = k / group;
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
+                    t->size(1) == groups,
+                "lowbit_linear: scale and zero must be contiguous float32 (", n, ", ", groups, "), got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  // bf16 activations are widened once per call; every product is then accumulated in fp32.
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  const at::Tensor xsum = x.view({m, groups, group}).sum(-1).contiguous();
+  const int64_t row_bytes = k * bits / 8;
+  std::vector<uint8_t> last_row(row_bytes + 4, 0);
+  std::memcpy(last_row.data(), packed.data_ptr<uint8_t>() + (n - 1) * row_bytes, row_bytes);
+  const Problem p{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+                  xsum.data_ptr<float>(), y.data_ptr<float>(), m, n, k, group, groups, row_bytes, last_row.data()};
+  switch (bits) {
+    case 2: dispatch<2>(p, x, y); break;
+    case 3: dispatch<3>(p, x, y); break;
+    case 4: dispatch<4>(p, x, y); break;
+    default: dispatch<8>(p, x, y); break;
+  }
+  return y;
+}
+
+std::string lowbit_isa() {
+#ifdef LOWBIT_AVX2
+  return "AVX2+FMA";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(quantbench_lowbit, m) {
+  m.def("linear(Tensor x, Tensor packed, int bits, int n, int k, int group, Tensor scale, Tensor zero) -> Tensor");
+  m.def("isa() -> str", &lowbit_isa);
+}
+
+TORCH_LIBRARY_IMPL(quantbench_lowbit, CPU, m) { m.impl("linear", &lowbit_linear); }
