@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -31,6 +32,10 @@
 #include <immintrin.h>
 #define LOWBIT_AVX2 1
 #endif
+
+// Loops of constant trip count over the register tile: unrolled early, so that GCC keeps the
+// accumulator arrays in registers (otherwise they live in memory, stored on every update).
+#define UNROLL _Pragma("GCC unroll 16")
 
 namespace {
 
@@ -125,71 +130,121 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MR rows of x (from m0) times NR rows of W (from n0): each chunk is decoded once per weight row
-// and multiplied into MR accumulators; NR independent rows keep the FMA pipes busy at MR = 1.
-template <int B, int MR, int NR>
-void tile_avx2(const Problem& p, int64_t m0, int64_t n0) {
-  const uint8_t* w[NR];
-  for (int r = 0; r < NR; ++r) w[r] = p.row(n0 + r);
-  const float* x[MR];
-  for (int i = 0; i < MR; ++i) x[i] = p.x + (m0 + i) * p.K;
-  __m256 total[MR][NR];
-  float correction[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) total[i][r] = _mm256_setzero_ps(), correction[i][r] = 0.f;
-  const int64_t chunks = p.g / 8;
-  for (int64_t j = 0; j < p.G; ++j) {
-    __m256 acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
-    const int64_t k0 = j * p.g;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t k = k0 + 8 * c;
-      __m256 xv[MR];
-      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x[i] + k);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 u = decode8<B>(w[r] + (k / 8) * B);
-        for (int i = 0; i < MR; ++i) acc[i][r] = _mm256_fmadd_ps(u, xv[i], acc[i][r]);
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      const float s = p.scale[(n0 + r) * p.G + j];
-      const float sz = s * p.zero[(n0 + r) * p.G + j];
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int i = 0; i < MR; ++i) {
-        total[i][r] = _mm256_fmadd_ps(sv, acc[i][r], total[i][r]);
-        correction[i][r] += sz * p.xsum[(m0 + i) * p.G + j];
-      }
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < NR; ++r) p.y[(m0 + i) * p.N + n0 + r] = hsum(total[i][r]) - correction[i][r];
-}
-
-// All rows of x for weight rows [n0, n0 + NR): blocks of 4 rows of x, then the 1..3 left.
-template <int B, int NR>
-void rows_block_avx2(const Problem& p, int64_t n0) {
-  int64_t m = 0;
-  // At most 8 accumulator pairs (16 of the 16 ymm registers would spill).
-  if constexpr (NR == 1) {
-    for (; m + 4 <= p.M; m += 4) tile_avx2<B, 4, 1>(p, m, n0);
-  }
-  if constexpr (NR <= 2) {
-    for (; m + 2 <= p.M; m += 2) tile_avx2<B, 2, NR>(p, m, n0);
-  }
-  for (; m < p.M; ++m) tile_avx2<B, 1, NR>(p, m, n0);
-}
-
+// How the register-blocked path reads one run of codes ("span") and the x it multiplies.
+// Natural span: 8 codes in natural order (decode8), x as it is.
 template <int B>
-void rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  // Few rows of x: several weight rows at a time, so that enough accumulator chains are independent.
-  if (p.M == 1) {
-    for (; n + 4 <= n_end; n += 4) rows_block_avx2<B, 4>(p, n);
-  } else if (p.M < 4) {
-    for (; n + 2 <= n_end; n += 2) rows_block_avx2<B, 2>(p, n);
+struct NaturalSpan {
+  static constexpr int codes = 8, vectors = 1;
+  static inline void decode(const uint8_t* p, __m256* u) { u[0] = decode8<B>(p); }
+};
+
+// Wide span (2 and 4 bits): the 8 bytes at p, one per lane (vpmovzxbd), hold 8 * 8/B codes; lane i
+// of vector t keeps field t of byte i, masked in place: code[(8/B) * i + t] * 2^(B t). No shift
+// per field: x is laid out to match (interleave_x) and prescaled by 2^-(B t), which is exact, so
+// the products are the same fp32 numbers as code * x. 5 and 9 vector ops for 16 and 32 codes,
+// against 8 and 16 for 8-code spans.
+template <int B>
+struct WideSpan {
+  static constexpr int vectors = 8 / B, codes = 8 * vectors;
+  static inline void decode(const uint8_t* p, __m256* u) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    UNROLL for (int t = 0; t < vectors; ++t)
+      u[t] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(((1 << B) - 1) << (B * t))));
   }
-  for (; n < n_end; ++n) rows_block_avx2<B, 1>(p, n);
+};
+
+// MR rows of x (from m0) times NR rows of W (from n0). Each span is decoded once per weight row,
+// multiplied by its group's scale (s u, exact for fp16-born scales and b <= 8) and then into MR
+// accumulators that run over the whole row; so the group structure costs one multiply per decoded
+// vector and no accumulator per group, which leaves the registers to independent accumulator
+// chains (8 per tile) that keep the FMA pipes busy. The zero points come in once per row at the
+// end: y = sum_k s u x - sum_j s z xsum_j.
+template <int B, class Span, int MR, int NR>
+void tile_avx2(const Problem& p, const float* xs, int64_t m0, int64_t n0) {
+  const uint8_t* w[NR];
+  const float* scale[NR];
+  UNROLL for (int r = 0; r < NR; ++r) w[r] = p.row(n0 + r), scale[r] = p.scale + (n0 + r) * p.G;
+  const float* x[MR];
+  UNROLL for (int i = 0; i < MR; ++i) x[i] = xs + (m0 + i) * p.K;
+  const int64_t groups = p.G;
+  __m256 acc[MR][NR];
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+  const int64_t spans = p.g / Span::codes;
+  for (int64_t j = 0; j < groups; ++j) {
+    const int64_t k0 = j * p.g;
+    for (int64_t c = 0; c < spans; ++c) {
+      const int64_t k = k0 + Span::codes * c;
+      UNROLL for (int r = 0; r < NR; ++r) {
+        __m256 u[Span::vectors];
+        Span::decode(w[r] + k * B / 8, u);
+        const __m256 s = _mm256_broadcast_ss(scale[r] + j);
+        UNROLL for (int t = 0; t < Span::vectors; ++t) {
+          const __m256 su = _mm256_mul_ps(u[t], s);
+          UNROLL for (int i = 0; i < MR; ++i) acc[i][r] = _mm256_fmadd_ps(su, _mm256_loadu_ps(x[i] + k + 8 * t), acc[i][r]);
+        }
+      }
+    }
+  }
+  // Reduce the accumulators in a loop of constant bounds (fully unrolled): indexing them from the
+  // loops below, which hold a loop of runtime length, would keep them in memory all along.
+  float dot[MR][NR];
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int r = 0; r < NR; ++r) dot[i][r] = hsum(acc[i][r]);
+  UNROLL for (int r = 0; r < NR; ++r) {
+    const float* s = p.scale + (n0 + r) * p.G;
+    const float* z = p.zero + (n0 + r) * p.G;
+    UNROLL for (int i = 0; i < MR; ++i) {
+      const float* xsum = p.xsum + (m0 + i) * p.G;
+      __m256 corr = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 8 <= p.G; j += 8)
+        corr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(z + j)), _mm256_loadu_ps(xsum + j),
+                               corr);
+      float correction = hsum(corr);
+      for (; j < p.G; ++j) correction += s[j] * z[j] * xsum[j];
+      p.y[(m0 + i) * p.N + n0 + r] = dot[i][r] - correction;
+    }
+  }
+}
+
+constexpr int64_t kRowBlock = 8;  // weight rows per block: the tiles below cover 8 rows each
+
+// All rows of x for weight rows [n0, n0 + 8): tiles of 4, 2 and 1 rows of x, 8 accumulators each.
+template <int B, class Span>
+void rows_block_avx2(const Problem& p, const float* xs, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4)
+    for (int64_t r = 0; r < kRowBlock; r += 2) tile_avx2<B, Span, 4, 2>(p, xs, m, n0 + r);
+  for (; m + 2 <= p.M; m += 2)
+    for (int64_t r = 0; r < kRowBlock; r += 4) tile_avx2<B, Span, 2, 4>(p, xs, m, n0 + r);
+  for (; m < p.M; ++m) tile_avx2<B, Span, 1, 8>(p, xs, m, n0);
+}
+
+// The last N % 8 weight rows, one at a time.
+template <int B, class Span>
+void rows_tail_avx2(const Problem& p, const float* xs, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) tile_avx2<B, Span, 4, 1>(p, xs, m, n);
+  for (; m < p.M; ++m) tile_avx2<B, Span, 1, 1>(p, xs, m, n);
+}
+
+template <int B, class Span>
+void rows_avx2(const Problem& p, const float* xs, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kRowBlock <= n_end; n += kRowBlock) rows_block_avx2<B, Span>(p, xs, n);
+  for (; n < n_end; ++n) rows_tail_avx2<B, Span>(p, xs, n);
+}
+
+// x in the lane order of WideSpan<B>, field t prescaled by 2^-(B t) (exact: a power of two).
+template <int B>
+void interleave_x(const Problem& p, float* out) {
+  constexpr int per_byte = 8 / B, span = 8 * per_byte;
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t k0 = 0; k0 < p.K; k0 += span)
+      for (int t = 0; t < per_byte; ++t)
+        for (int i = 0; i < 8; ++i)
+          out[m * p.K + k0 + 8 * t + i] = std::ldexp(p.x[m * p.K + k0 + per_byte * i + t], -B * t);
 }
 
 template <int B>
@@ -208,9 +263,12 @@ void dequant_rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end, float* 
 #endif  // LOWBIT_AVX2
 
 template <int B>
-void rows(const Problem& p, int64_t n_begin, int64_t n_end) {
+void rows(const Problem& p, const float* xs, bool wide, int64_t n_begin, int64_t n_end) {
 #ifdef LOWBIT_AVX2
-  rows_avx2<B>(p, n_begin, n_end);
+  if constexpr (B == 2 || B == 4) {
+    if (wide) return rows_avx2<B, WideSpan<B>>(p, xs, n_begin, n_end);
+  }
+  rows_avx2<B, NaturalSpan<B>>(p, xs, n_begin, n_end);
 #else
   rows_scalar<B>(p, n_begin, n_end);
 #endif
@@ -227,10 +285,23 @@ void dequant_rows(const Problem& p, int64_t n_begin, int64_t n_end, float* out) 
 
 template <int B>
 void run_register_blocked(const Problem& p) {
-  // Chunks of 4 weight rows so that the 4-row GEMV blocks stay whole inside each thread's range.
-  const int64_t blocks = (p.N + 3) / 4;
+  const float* xs = p.x;
+  std::vector<float> interleaved;
+  bool wide = false;
+#ifdef LOWBIT_AVX2
+  if constexpr (B == 2 || B == 4) {
+    wide = p.g % WideSpan<B>::codes == 0;  // a span must not cross a group
+    if (wide) {
+      interleaved.resize(p.M * p.K);
+      interleave_x<B>(p, interleaved.data());
+      xs = interleaved.data();
+    }
+  }
+#endif
+  // Whole blocks of 8 weight rows inside each thread's range.
+  const int64_t blocks = (p.N + 7) / 8;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    rows<B>(p, begin * 4, std::min(end * 4, p.N));
+    rows<B>(p, xs, wide, begin * 8, std::min(end * 8, p.N));
   });
 }
 
@@ -286,12 +357,15 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
-  const at::Tensor xsum = x.view({m, groups, group}).sum(-1).contiguous();
+  std::vector<float> xsum(m * groups, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < m * groups; ++i)
+    for (int64_t c = 0; c < group; ++c) xsum[i] += xp[i * group + c];
   const int64_t row_bytes = k * bits / 8;
   std::vector<uint8_t> last_row(row_bytes + 4, 0);
   std::memcpy(last_row.data(), packed.data_ptr<uint8_t>() + (n - 1) * row_bytes, row_bytes);
   const Problem p{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
-                  xsum.data_ptr<float>(), y.data_ptr<float>(), m, n, k, group, groups, row_bytes, last_row.data()};
+                  xsum.data(), y.data_ptr<float>(), m, n, k, group, groups, row_bytes, last_row.data()};
   switch (bits) {
     case 2: dispatch<2>(p, x, y); break;
     case 3: dispatch<3>(p, x, y); break;
