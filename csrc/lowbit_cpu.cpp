@@ -43,6 +43,8 @@ namespace {
 constexpr int64_t kTileGemmMinRows = 32;
 // Dequantized weight tile of the prefill path, in floats: 512 KiB, about the size of L2.
 constexpr int64_t kTileFloats = 128 * 1024;
+// How far ahead of the codes being decoded the register-blocked path prefetches.
+constexpr int64_t kPrefetchBytes = 512;
 
 struct Problem {
   const float* x;          // [M, K]
@@ -173,6 +175,12 @@ void tile_avx2(const Problem& p, const float* xs, int64_t m0, int64_t n0) {
   const int64_t spans = p.g / Span::codes;
   for (int64_t j = 0; j < groups; ++j) {
     const int64_t k0 = j * p.g;
+    // Each tile reads NR rows side by side, more streams than the hardware prefetchers follow:
+    // ask for the codes (and scales) a few cache lines ahead.
+    UNROLL for (int r = 0; r < NR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k0 * B / 8 + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(scale[r] + j + kPrefetchBytes / 4), _MM_HINT_T0);
+    }
     for (int64_t c = 0; c < spans; ++c) {
       const int64_t k = k0 + Span::codes * c;
       UNROLL for (int r = 0; r < NR; ++r) {
