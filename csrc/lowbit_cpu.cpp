@@ -155,12 +155,13 @@ struct WideSpan {
   }
 };
 
-// MR rows of x (from m0) times NR rows of W (from n0). Each span is decoded once per weight row,
-// multiplied by its group's scale (s u, exact for fp16-born scales and b <= 8) and then into MR
-// accumulators that run over the whole row; so the group structure costs one multiply per decoded
-// vector and no accumulator per group, which leaves the registers to independent accumulator
-// chains (8 per tile) that keep the FMA pipes busy. The zero points come in once per row at the
-// end: y = sum_k s u x - sum_j s z xsum_j.
+// MR rows of x (from m0) times NR rows of W (from n0); each span is decoded once per weight row.
+// MR >= 2: the decoded codes are multiplied by their group's scale (s u: exact for fp16-born
+// scales and b <= 8) and then into MR accumulators that run over the whole row, so the groups
+// cost one multiply per decoded vector and no register, which leaves 8 independent accumulator
+// chains per tile. MR = 1: sums of u x per group, scaled once per group (the conversion to float
+// is the bottleneck there, and a multiply per vector would compete with the FMAs).
+// The zero points come in once per row at the end: y = sum_k s u x - sum_j s z xsum_j.
 template <int B, class Span, int MR, int NR>
 void tile_avx2(const Problem& p, const float* xs, int64_t m0, int64_t n0) {
   const uint8_t* w[NR];
@@ -173,23 +174,56 @@ void tile_avx2(const Problem& p, const float* xs, int64_t m0, int64_t n0) {
   UNROLL for (int i = 0; i < MR; ++i)
     UNROLL for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
   const int64_t spans = p.g / Span::codes;
+  // Prefetch once per cache line of codes: every group, or every (64 / group bytes) groups (a mask).
+  const int64_t group_bytes = p.g * B / 8;
+  const int64_t code_prefetch_every = group_bytes >= 64 ? 0 : (int64_t{64} / group_bytes) - 1;
   for (int64_t j = 0; j < groups; ++j) {
     const int64_t k0 = j * p.g;
     // Each tile reads NR rows side by side, more streams than the hardware prefetchers follow:
     // ask for the codes (and scales) a few cache lines ahead.
-    UNROLL for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k0 * B / 8 + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(scale[r] + j + kPrefetchBytes / 4), _MM_HINT_T0);
+    if ((j & code_prefetch_every) == 0) {
+      UNROLL for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k0 * B / 8 + kPrefetchBytes), _MM_HINT_T0);
     }
-    for (int64_t c = 0; c < spans; ++c) {
-      const int64_t k = k0 + Span::codes * c;
+    if ((j & 15) == 0) {  // 16 float scales to a cache line
+      UNROLL for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(scale[r] + j + kPrefetchBytes / 4), _MM_HINT_T0);
+    }
+    if constexpr (MR == 1) {
+      // One row of x: the decode (int -> float conversion) is the bottleneck, not the registers,
+      // so sum u x per group and scale once per group (saves a multiply per decoded vector).
+      // Two sums per row when a span has 4 vectors (2 bits), so that no chain runs 4 FMAs deep.
+      constexpr int chains = Span::vectors >= 4 ? 2 : 1;
+      __m256 group_acc[chains][NR];
+      UNROLL for (int h = 0; h < chains; ++h)
+        UNROLL for (int r = 0; r < NR; ++r) group_acc[h][r] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < spans; ++c) {
+        const int64_t k = k0 + Span::codes * c;
+        UNROLL for (int r = 0; r < NR; ++r) {
+          __m256 u[Span::vectors];
+          Span::decode(w[r] + k * B / 8, u);
+          UNROLL for (int t = 0; t < Span::vectors; ++t)
+            group_acc[t % chains][r] =
+                _mm256_fmadd_ps(u[t], _mm256_loadu_ps(x[0] + k + 8 * t), group_acc[t % chains][r]);
+        }
+      }
       UNROLL for (int r = 0; r < NR; ++r) {
-        __m256 u[Span::vectors];
-        Span::decode(w[r] + k * B / 8, u);
-        const __m256 s = _mm256_broadcast_ss(scale[r] + j);
-        UNROLL for (int t = 0; t < Span::vectors; ++t) {
-          const __m256 su = _mm256_mul_ps(u[t], s);
-          UNROLL for (int i = 0; i < MR; ++i) acc[i][r] = _mm256_fmadd_ps(su, _mm256_loadu_ps(x[i] + k + 8 * t), acc[i][r]);
+        __m256 sum = group_acc[0][r];
+        if constexpr (chains == 2) sum = _mm256_add_ps(sum, group_acc[1][r]);
+        acc[0][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale[r] + j), sum, acc[0][r]);
+      }
+    } else {
+      for (int64_t c = 0; c < spans; ++c) {
+        const int64_t k = k0 + Span::codes * c;
+        UNROLL for (int r = 0; r < NR; ++r) {
+          __m256 u[Span::vectors];
+          Span::decode(w[r] + k * B / 8, u);
+          const __m256 s = _mm256_broadcast_ss(scale[r] + j);
+          UNROLL for (int t = 0; t < Span::vectors; ++t) {
+            const __m256 su = _mm256_mul_ps(u[t], s);
+            UNROLL for (int i = 0; i < MR; ++i)
+              acc[i][r] = _mm256_fmadd_ps(su, _mm256_loadu_ps(x[i] + k + 8 * t), acc[i][r]);
+          }
         }
       }
     }
@@ -226,7 +260,8 @@ void rows_block_avx2(const Problem& p, const float* xs, int64_t n0) {
     for (int64_t r = 0; r < kRowBlock; r += 2) tile_avx2<B, Span, 4, 2>(p, xs, m, n0 + r);
   for (; m + 2 <= p.M; m += 2)
     for (int64_t r = 0; r < kRowBlock; r += 4) tile_avx2<B, Span, 2, 4>(p, xs, m, n0 + r);
-  for (; m < p.M; ++m) tile_avx2<B, Span, 1, 8>(p, xs, m, n0);
+  for (; m < p.M; ++m)
+    for (int64_t r = 0; r < kRowBlock; r += 4) tile_avx2<B, Span, 1, 4>(p, xs, m, n0 + r);
 }
 
 // The last N % 8 weight rows, one at a time.
