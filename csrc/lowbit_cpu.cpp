@@ -39,8 +39,10 @@
 
 namespace {
 
-// The rows of x from which the prefill path (dequantized tile + at::mm) beats the register-blocked one.
-constexpr int64_t kTileGemmMinRows = 32;
+// The rows of x from which the prefill path (dequantized tile + at::mm) beats the register-blocked
+// one: measured at 1536x576, 4-bit g64, one thread (register / tile µs): 8 rows 395 / 596,
+// 16 rows 794 / 842, 24 rows 1212 / 1113, 32 rows 1865 / 1372.
+constexpr int64_t kTileGemmMinRows = 24;
 // Dequantized weight tile of the prefill path, in floats: 512 KiB, about the size of L2.
 constexpr int64_t kTileFloats = 128 * 1024;
 // How far ahead of the codes being decoded the register-blocked path prefetches.
@@ -140,18 +142,37 @@ struct NaturalSpan {
   static inline void decode(const uint8_t* p, __m256* u) { u[0] = decode8<B>(p); }
 };
 
-// Wide span (2 and 4 bits): the 8 bytes at p, one per lane (vpmovzxbd), hold 8 * 8/B codes; lane i
-// of vector t keeps field t of byte i, masked in place: code[(8/B) * i + t] * 2^(B t). No shift
-// per field: x is laid out to match (interleave_x) and prescaled by 2^-(B t), which is exact, so
-// the products are the same fp32 numbers as code * x. 5 and 9 vector ops for 16 and 32 codes,
-// against 8 and 16 for 8-code spans.
+// Wide span (2, 3 and 4 bits): each of the 8 lanes holds V consecutive codes straight from the
+// bytes, and vector t keeps field t of every lane, masked in place: lane i of
+// vector t is code[V i + t] * 2^(b t). No shift per field: x is laid out to match (interleave_x)
+// and prescaled by 2^-(b t), which is exact, so the products are the same fp32 numbers as code * x.
+// 2 bits: a byte per lane (vpmovzxbd), V = 4; 4 bits: likewise, V = 2; 3 bits: 3 bytes per lane
+// (vpshufb), V = 8. Per 8 codes that is an AND and a conversion, against a broadcast, a variable
+// shift, an AND and a conversion for 8-code spans.
 template <int B>
 struct WideSpan {
+  static_assert(B == 2 || B == 4, "2 and 4 bits: one byte per lane");
   static constexpr int vectors = 8 / B, codes = 8 * vectors;
   static inline void decode(const uint8_t* p, __m256* u) {
     const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     UNROLL for (int t = 0; t < vectors; ++t)
       u[t] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(((1 << B) - 1) << (B * t))));
+  }
+};
+
+template <>
+struct WideSpan<3> {
+  static constexpr int vectors = 8, codes = 64;  // 24 bytes; the loads read 28 (4 past the span)
+  static inline void decode(const uint8_t* p, __m256* u) {
+    const __m256i raw = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12)), 1);
+    // bytes 3i..3i+2 of each 128-bit half into dword i (the high half starts at byte 12)
+    const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    const __m256i words = _mm256_shuffle_epi8(raw, spread);
+    UNROLL for (int t = 0; t < vectors; ++t)
+      u[t] = _mm256_cvtepi32_ps(_mm256_and_si256(words, _mm256_set1_epi32(7 << (3 * t))));
   }
 };
 
@@ -282,12 +303,12 @@ void rows_avx2(const Problem& p, const float* xs, int64_t n_begin, int64_t n_end
 // x in the lane order of WideSpan<B>, field t prescaled by 2^-(B t) (exact: a power of two).
 template <int B>
 void interleave_x(const Problem& p, float* out) {
-  constexpr int per_byte = 8 / B, span = 8 * per_byte;
+  constexpr int per_lane = WideSpan<B>::vectors, span = WideSpan<B>::codes;
   for (int64_t m = 0; m < p.M; ++m)
     for (int64_t k0 = 0; k0 < p.K; k0 += span)
-      for (int t = 0; t < per_byte; ++t)
+      for (int t = 0; t < per_lane; ++t)
         for (int i = 0; i < 8; ++i)
-          out[m * p.K + k0 + 8 * t + i] = std::ldexp(p.x[m * p.K + k0 + per_byte * i + t], -B * t);
+          out[m * p.K + k0 + 8 * t + i] = std::ldexp(p.x[m * p.K + k0 + per_lane * i + t], -B * t);
 }
 
 template <int B>
@@ -308,7 +329,7 @@ void dequant_rows_avx2(const Problem& p, int64_t n_begin, int64_t n_end, float* 
 template <int B>
 void rows(const Problem& p, const float* xs, bool wide, int64_t n_begin, int64_t n_end) {
 #ifdef LOWBIT_AVX2
-  if constexpr (B == 2 || B == 4) {
+  if constexpr (B != 8) {
     if (wide) return rows_avx2<B, WideSpan<B>>(p, xs, n_begin, n_end);
   }
   rows_avx2<B, NaturalSpan<B>>(p, xs, n_begin, n_end);
@@ -332,7 +353,7 @@ void run_register_blocked(const Problem& p) {
   std::vector<float> interleaved;
   bool wide = false;
 #ifdef LOWBIT_AVX2
-  if constexpr (B == 2 || B == 4) {
+  if constexpr (B != 8) {
     wide = p.g % WideSpan<B>::codes == 0;  // a span must not cross a group
     if (wide) {
       interleaved.resize(p.M * p.K);
@@ -405,7 +426,7 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   for (int64_t i = 0; i < m * groups; ++i)
     for (int64_t c = 0; c < group; ++c) xsum[i] += xp[i * group + c];
   const int64_t row_bytes = k * bits / 8;
-  std::vector<uint8_t> last_row(row_bytes + 4, 0);
+  std::vector<uint8_t> last_row(row_bytes + 4, 0);  // reads run at most 4 bytes past a span
   std::memcpy(last_row.data(), packed.data_ptr<uint8_t>() + (n - 1) * row_bytes, row_bytes);
   const Problem p{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
                   xsum.data(), y.data_ptr<float>(), m, n, k, group, groups, row_bytes, last_row.data()};

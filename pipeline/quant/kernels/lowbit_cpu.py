@@ -63,7 +63,8 @@ def _first_error_lines(message: str) -> str:
     """The compiler's first error lines out of cpp_extension's long failure message."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     compiler = [line for line in lines if "error:" in line]  # gcc/clang: file:line:col: error: ...
-    return " | ".join((compiler or lines)[:_ERROR_LINES])
+    unique = list(dict.fromkeys(compiler or lines))  # one error per template instantiation repeats
+    return " | ".join(unique[:_ERROR_LINES])
 
 
 def _put_ninja_on_path() -> None:
