@@ -3,16 +3,17 @@
 // The weight is the canonical stored form of pipeline/quant/packing.py: a flat little-endian bit
 // stream of unsigned b-bit codes, code i = W[n, k] (row-major) at bits [i*b, (i+1)*b). With K a
 // multiple of 8 every row starts on a byte and every run of 8 codes is exactly b bytes, so the
-// kernel decodes 8 codes at a time from b bytes, never repacking the codes.
+// kernel decodes runs of codes straight from the bytes, never repacking them.
 //
 //   W[n, k] = (u[n, k] - z[n, j]) * s[n, j],  j = k / g
-//   y[m, n] = sum_j s[n, j] * (acc[m, n, j] - z[n, j] * xsum[m, j]),
+//   y[m, n] = sum_j s[n, j] * acc[m, n, j] - sum_j s[n, j] z[n, j] xsum[m, j],
 //   acc[m, n, j] = sum_{k in group j} u[n, k] * x[m, k],  xsum[m, j] = sum_{k in group j} x[m, k]
 //
-// Two paths: for few rows of x (decode) a register-blocked GEMV/GEMM that decodes each 8-code
-// chunk once and multiplies it into up to 4 rows of x; for many rows (prefill) a tile of weight
-// rows is dequantized into a small fp32 buffer (cache-resident) and multiplied with at::mm, so the
-// decode is amortized over all rows and the multiply runs at BLAS speed.
+// Two paths: for few rows of x (decode, < kTileGemmMinRows) a register-blocked GEMV/GEMM that
+// decodes each run of codes once and multiplies it into up to 4 rows of x; for many rows
+// (prefill) a tile of weight rows is dequantized into a small fp32 buffer (cache-resident) and
+// multiplied with at::mm, so the decode is amortized over all rows and the multiply runs at BLAS
+// speed. Products and sums are fp32 throughout (bf16 x is widened first).
 //
 // The fast path needs AVX2 + FMA (compiled with -march=native); elsewhere a plain scalar path
 // computes the same thing.
@@ -56,8 +57,9 @@ struct Problem {
   const float* xsum;       // [M, G]
   float* y;                // [M, N]
   int64_t M, N, K, g, G, row_bytes;
-  // For b < 4 a chunk is read with a 4-byte load that can run up to 2 bytes past the chunk: the
-  // last row is read from this copy with padding, so no load passes the end of `packed`.
+  // Loads can run up to 4 bytes past a run of codes (a 4-byte load of a 2-byte 2-bit chunk, the
+  // 28-byte read of a 24-byte 3-bit span): the last row is read from this copy with padding, so
+  // no load passes the end of `packed`.
   const uint8_t* last_row;
 
   const uint8_t* row(int64_t n) const { return n == N - 1 ? last_row : packed + n * row_bytes; }
