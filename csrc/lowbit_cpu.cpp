@@ -419,7 +419,9 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
                 t->scalar_type(), " ", t->sizes());
   }
   // bf16 activations are widened once per call; every product is then accumulated in fp32.
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  // Detached: the op has no derivative (inference kernel), and the prefill path's at::mm_out
+  // refuses inputs that require grad.
+  const at::Tensor x = x_in.detach().to(at::kFloat).contiguous();
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;

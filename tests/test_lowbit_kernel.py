@@ -131,6 +131,14 @@ def test_two_and_three_bit_layers_select_the_fused_kernel(bits, group):
 
 
 @needs_build
+@pytest.mark.parametrize("rows", [1, 64])  # both paths: register-blocked and dequantized tile + at::mm
+def test_inputs_that_require_grad_run_forward(rows):
+    layer = QuantLinear.from_float(torch.randn(16, 64), QuantSpec(4, False), (1, 32), kernel_preference="lowbit_cpu")
+    x = torch.randn(rows, 64, requires_grad=True)  # a model called outside torch.no_grad()
+    assert torch.allclose(layer(x), F.linear(x.detach(), layer.dequantized_weight()), rtol=1e-4, atol=1e-4)
+
+
+@needs_build
 def test_the_kernel_reads_the_stored_codes_and_keeps_only_float_scales_and_zeros():
     layer = QuantLinear.from_float(torch.randn(48, 192), QuantSpec(2, False), (1, 32))
     state = KERNEL.prepare(layer.tensors())
