@@ -79,7 +79,7 @@ def _kept_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= LOW_PRECISION_MATMUL_ROWS and module.kernel == "half_linear":
-        y = cpp.ops("half_linear").linear(x.reshape(rows, -1).float().contiguous(), weight)
+        y = cpp.op("half_linear", "linear")(x.reshape(rows, -1).float().contiguous(), weight)
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(y.dtype)
     dtype = weight.dtype if rows <= LOW_PRECISION_MATMUL_ROWS else x.dtype

@@ -14,6 +14,7 @@ from pipeline import bandwidth, energy, profile
 from pipeline.cost import usd_per_1m_tokens
 from pipeline.energy import EnergySourceError, Meter, RaplCounter, Usage
 from pipeline.generation import Generation
+from pipeline.quant.kernels import cpp
 from pipeline.quant.linear import QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for
 
@@ -204,11 +205,14 @@ def _quant_linear(kernel: str) -> QuantLinear:
 
 
 def test_a_quantized_layer_is_read_in_the_layout_its_kernel_uses():
-    fast, slow = _quant_linear("auto"), _quant_linear("dequant")
-    assert fast.kernel_cache_bytes > 0 and slow.kernel_cache_bytes == 0
+    copy, slow = _quant_linear("aten_int8_weight_only"), _quant_linear("dequant")
+    assert copy.kernel_cache_bytes > 0 and slow.kernel_cache_bytes == 0
     bias = 64 * 4
-    assert bandwidth.bytes_read_per_token(fast) == fast.kernel_cache_bytes + bias  # its int8 copy, not the codes
+    assert bandwidth.bytes_read_per_token(copy) == copy.kernel_cache_bytes + bias  # its int8 copy, not the codes
     assert bandwidth.bytes_read_per_token(slow) == slow.weight_bytes  # codes + scales + bias
+    if cpp.build("lowbit_cpu").ok:  # reads the stored codes in place, and its fp32 scales and zeros
+        fused = _quant_linear("lowbit_cpu")
+        assert bandwidth.bytes_read_per_token(fused) == fused.packed.numel() + fused.kernel_cache_bytes + bias
 
 
 def test_floor_arithmetic():

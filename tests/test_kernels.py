@@ -1,23 +1,28 @@
 import pytest
 import torch
 
+from pipeline.quant.kernels import cpp
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for
 
 OUT, IN = 192, 576  # SmolLM2's k_proj shape: 576 inputs is not a multiple of 128
 
-CASES = [  # bits, symmetric, granularity, group, expected kernel
+CASES = [  # bits, symmetric, granularity, group, a kernel that computes it (forced by name)
     (8, True, "per_channel", None, "aten_int8_weight_only"),
     (8, True, "per_tensor", None, "aten_int8_weight_only"),
     (4, False, "group", 64, "aten_int4_groupwise"),
     (4, True, "group", 32, "aten_int4_groupwise"),
     (4, True, "per_channel", None, "aten_int4_groupwise"),
     (4, False, "per_channel", None, "aten_int4_groupwise"),
-    (4, False, "group", 96, "dequant"),  # the int4 kernel takes groups of 32..256 in powers of two
-    (8, False, "per_channel", None, "dequant"),  # the int8 kernel has no zero point
-    (3, False, "group", 64, "dequant"),
-    (2, False, "group", 32, "dequant"),
+    (4, False, "group", 96, "lowbit_cpu"),  # the int4 kernel takes groups of 32..256 in powers of two
+    (8, False, "per_channel", None, "lowbit_cpu"),  # the int8 kernel has no zero point
+    (3, False, "group", 64, "lowbit_cpu"),
+    (2, False, "group", 32, "lowbit_cpu"),
+    (4, False, "group", 64, "lowbit_cpu"),
+    (4, True, "per_channel", None, "lowbit_cpu"),
+    (8, True, "per_channel", None, "lowbit_cpu"),
 ]
+LOWBIT_BUILT = cpp.build("lowbit_cpu")
 
 
 def _layer(bits, symmetric, granularity, group, kernels="auto", activation=None, act_scale=None, sym_range="full"):
@@ -36,15 +41,17 @@ def _layer(bits, symmetric, granularity, group, kernels="auto", activation=None,
 def test_each_kernel_matches_the_dequantized_reference(bits, symmetric, granularity, group, kernel, sym_range):
     if not symmetric and sym_range == "restricted":
         pytest.skip("the symmetric range does not apply to asymmetric grids")
-    layer = _layer(bits, symmetric, granularity, group, sym_range=sym_range)
+    if kernel == "lowbit_cpu" and not LOWBIT_BUILT.ok:
+        pytest.skip(f"the fused kernel could not be built: {LOWBIT_BUILT.error}")
+    layer = _layer(bits, symmetric, granularity, group, kernels=kernel, sym_range=sym_range)
     assert layer.kernel == kernel
     codes = layer.codes()
     assert int(codes.min()) >= layer.spec.qmin and int(codes.max()) <= layer.spec.qmax
     x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
     expected = x @ layer.dequantized_weight().T + layer.bias
     got = layer(x)
-    # bf16 activations in the aten kernels: relative error ~ 2**-8
-    tolerance = 1e-5 if kernel == "dequant" else 2e-2
+    # bf16 activations in the aten kernels: relative error ~ 2**-8; dequant and lowbit_cpu are fp32
+    tolerance = 1e-5 if kernel in ("dequant", "lowbit_cpu") else 2e-2
     assert (got - expected).norm() / expected.norm() < tolerance
 
 
@@ -61,7 +68,7 @@ def test_kernels_are_exact_on_every_code_of_the_symmetric_range(bits, granularit
     codes[0, 0] = spec.qmin
     block = block_size_for((OUT, IN), granularity, group)
     scale = (torch.rand(OUT // block[0], IN // block[1], generator=gen) * 0.02 + 0.01).to(torch.float16)
-    fast = QuantLinear(codes, scale, None, spec, block)
+    fast = QuantLinear(codes, scale, None, spec, block, kernel_preference=kernel)
     slow = QuantLinear(codes, scale, None, spec, block, kernel_preference="dequant")
     assert fast.kernel == kernel and torch.equal(fast.codes(), codes)
     x = torch.randn(5, IN, generator=gen)
@@ -69,9 +76,16 @@ def test_kernels_are_exact_on_every_code_of_the_symmetric_range(bits, granularit
     assert (fast(x) - expected).norm() / expected.norm() < 2e-2  # bf16 activations in the aten kernels
 
 
+def test_auto_picks_the_fused_kernel_for_every_weight_only_width_where_it_is_built():
+    expected = "lowbit_cpu" if LOWBIT_BUILT.ok else None
+    for bits, symmetric, granularity, group, kernel in CASES:
+        layer = _layer(bits, symmetric, granularity, group)
+        assert layer.kernel == (expected or kernel), (bits, symmetric, granularity, group)
+
+
 def test_dequant_preference_forces_the_fallback_and_agrees_with_the_kernel():
     fast, slow = _layer(4, False, "group", 64), _layer(4, False, "group", 64, kernels="dequant")
-    assert (fast.kernel, slow.kernel) == ("aten_int4_groupwise", "dequant")
+    assert fast.kernel != "dequant" and slow.kernel == "dequant"
     x = torch.randn(3, IN)
     assert torch.allclose(fast(x), slow(x), rtol=0.05, atol=0.3)
 

@@ -63,10 +63,11 @@ def build_directory(library: str, source: Path, cflags: tuple[str, ...]) -> Path
 
 
 def _first_error_lines(message: str) -> str:
-    """The compiler's first error lines out of cpp_extension's long failure message."""
+    """The compiler's first distinct error lines out of cpp_extension's long failure message."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("FAILED")]
-    return " | ".join((errors or lines)[:_ERROR_LINES])
+    compiler = [line for line in lines if "error:" in line]  # gcc/clang: file:line:col: error: ...
+    unique = list(dict.fromkeys(compiler or lines))  # one error per template instantiation repeats
+    return " | ".join(unique[:_ERROR_LINES])
 
 
 def _put_ninja_on_path() -> None:
@@ -118,3 +119,9 @@ def ops(name: str):
     if not outcome.ok:
         raise RuntimeError(f"the {name} kernel is not built: {outcome.error}")
     return getattr(torch.ops, f"quantbench_{name}")
+
+
+@functools.cache
+def op(name: str, function: str) -> torch._ops.OpOverload:
+    """One op, looked up once: a kernel's hot path calls this (``torch.ops`` lookups cost ~2 µs a call)."""
+    return getattr(ops(name), function).default

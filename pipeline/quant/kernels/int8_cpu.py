@@ -68,4 +68,6 @@ class Int8Cpu:
         }
 
     def run(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        return cpp.ops("int8_cpu").linear(x.float().contiguous(), state["weight"], state["row_scale"], *state["params"])
+        return cpp.op("int8_cpu", "linear")(
+            x.float().contiguous(), state["weight"], state["row_scale"], *state["params"]
+        )
