@@ -2,7 +2,8 @@
 
     python -m benchmarks.kernels [--threads 1] [--repeats 7] [--working-set-mb 256]
 
-A kernel timed on one cache-resident layer measures the cache, not the kernel (a 576x576 int4
+Every kernel that computes a configuration is timed (the one ``auto`` picks first), next to fp32
+and bf16 ``F.linear``. A kernel timed on one cache-resident layer measures the cache, not the kernel (a 576x576 int4
 layer read 0.94x while the whole model ran 2x faster). Here every variant is timed over enough
 copies of the layer that the copies outgrow the last-level cache (``--working-set-mb``, default
 4x the L3 this machine reports): one sample calls each copy once, in order, and reports the time
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from pipeline import stats, tracking
 from pipeline.bandwidth import read_bandwidth_gb_s
 from pipeline.profile import torch_threads
+from pipeline.quant import kernels
 from pipeline.quant.activation import ActivationQuant
 from pipeline.quant.linear import QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for
@@ -92,13 +94,18 @@ def measure(repeats: int, working_set: int) -> list[dict]:
         )
         for name, (bits, sym, gran, group, act) in CONFIGS.items():
             block = block_size_for(weight.shape, gran, group)
-            for pref in ("auto", "dequant"):
-                layer = QuantLinear.from_float(
-                    weight, QuantSpec(bits, sym), block, activation=act, kernel_preference=pref
+            auto = QuantLinear.from_float(weight, QuantSpec(bits, sym), block, activation=act)
+            # the kernel auto picks, then every other kernel that computes this layout (dequant included)
+            others = [k.name for k in kernels.REGISTRY if k.name != auto.kernel and k.supports(auto.tensors()) is None]
+            for pref in ("auto", *others):
+                layer = (
+                    auto
+                    if pref == "auto"
+                    else QuantLinear.from_float(
+                        weight, QuantSpec(bits, sym), block, activation=act, kernel_preference=pref
+                    )
                 )
-                if pref == "dequant" and variants.get(name) and variants[name][0] == "dequant":
-                    continue  # no kernel for this config: the auto row already is the fallback
-                label = name if pref == "auto" else f"{name}, dequant"
+                label = name if pref == "auto" else f"{name}, {pref}"
                 read = layer.bytes_read_per_call
                 variants[label] = (
                     layer.kernel,
