@@ -23,6 +23,25 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def spec_entry(spec: QuantSpec) -> dict:
+    """A QuantSpec as JSON-ready fields (its scale dtype by name)."""
+    return {
+        "bits": spec.bits,
+        "symmetric": spec.symmetric,
+        "zero_point_domain": spec.zero_point_domain,
+        "scale_dtype": _DTYPE_NAMES[spec.scale_dtype],
+        "symmetric_range": spec.symmetric_range,
+    }
+
+
+def spec_from_entry(entry: dict) -> QuantSpec:
+    dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+    return QuantSpec(**{**entry, "scale_dtype": dtypes[entry["scale_dtype"]]})
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -72,6 +91,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("lowrank_b", b)
         # Per-input-channel multiplier on x (activation-aware scaling that could not be folded).
         self.register_buffer("input_scale", input_scale)
+        self.kernel_preference = kernel_preference
         self._kernel, self.kernel_note = kernels.select(self.tensors(), kernel_preference)
         self._kernel_state = self._kernel.prepare(self.tensors())
 
@@ -87,6 +107,55 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of a float weight (the RTN baseline of every method)."""
         scale, zero = choose_qparams(weight, spec, block_size)
         return cls(quantize(weight, scale, zero, spec, block_size), scale, zero, spec, block_size, bias, **kwargs)
+
+    # -- checkpoint entry (pipeline.checkpoint) ----------------------------------------------
+    def manifest_entry(self) -> dict:
+        """What the buffers do not say: the grid, the block, the activation scheme, the kernel.
+
+        With the buffers (``state_dict``) it rebuilds this layer exactly (``from_entry``).
+        """
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "spec": spec_entry(self.spec),
+            "block_size": list(self.block_size),
+            "zero_point": None if self.zero_point is None else ("int" if self._int_zero else "float"),
+            "zero_point_shape": None if self._zero_shape is None else list(self._zero_shape),
+            "activation": None
+            if self.activation is None
+            else {"spec": spec_entry(self.activation.spec), "mode": self.activation.mode},
+            "kernel_preference": self.kernel_preference,
+            "kernel": self.kernel,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> QuantLinear:
+        """The layer that ``manifest_entry`` and ``state_dict`` describe; its kernel is selected anew."""
+        spec = spec_from_entry(entry["spec"])
+        shape = (entry["out_features"], entry["in_features"])
+        offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
+        codes = (unpack(tensors["packed"], spec.bits, shape[0] * shape[1]) - offset).reshape(shape)
+        zero = tensors.get("zero_point")
+        if entry["zero_point"] == "int":
+            rows, cols = entry["zero_point_shape"]
+            zero = unpack(zero, spec.bits, rows * cols).reshape(rows, cols).to(torch.uint8)
+        act = entry["activation"]
+        activation = None if act is None else ActivationQuant(spec=spec_from_entry(act["spec"]), mode=act["mode"])
+        lowrank = (tensors["lowrank_a"], tensors["lowrank_b"]) if "lowrank_a" in tensors else None
+        return cls(
+            codes,
+            tensors["scale"],
+            zero,
+            spec,
+            tuple(entry["block_size"]),
+            tensors.get("bias"),
+            activation,
+            tensors.get("activation_scale"),
+            entry["kernel_preference"],
+            lowrank=lowrank,
+            input_scale=tensors.get("input_scale"),
+            activation_zero_point=tensors.get("activation_zero_point"),
+        )
 
     # -- stored form -------------------------------------------------------------------------
     def tensors(self) -> kernels.LayerTensors:
