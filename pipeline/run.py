@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import (
     calibrate,
     evaluate,
+    export,
     generation,
     layers,
     profile,
@@ -214,6 +215,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     )
     if quantizing:
         record(shipping.tag_hash(model))
+        mlflow.set_tags(export.tags(export.of_model(model)))
     if probe is not None:
         probe(model, tokens, reference)
 
