@@ -185,3 +185,20 @@ def load_checkpoint(folder: Path) -> Loaded:
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def with_kernel_preference(model: nn.Module, preference: str) -> nn.Module:
+    """A copy of ``model`` whose registered modules select kernels with ``preference`` (e.g. ``dequant``:
+    the float path other loaders take, to compare against them without our kernels' rounding)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for name, entry in module_entries(clone).items():
+        if "kernel_preference" not in entry:
+            continue
+        module = clone.get_submodule(name)
+        rebuilt = codecs.codec(entry["type"]).from_entry(
+            {**entry, "kernel_preference": preference}, module.state_dict()
+        )
+        _set_module(clone, name, rebuilt)
+    return clone

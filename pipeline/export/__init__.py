@@ -25,14 +25,14 @@ def available(layers: list[Layer]) -> dict[str, str | None]:
 
 def tags(layers: list[Layer]) -> dict[str, str]:
     """``exports``: the formats this model can be written to (GGUF with its types), e.g.
-    ``checkpoint,compressed-tensors,gguf:Q4_0``; ``exports_refused``: the others and why."""
+    ``checkpoint,compressed-tensors,gguf:Q4_0``; ``exports_refused``: the others and why, separated by " | "."""
     result = available(layers)
     ok = [
         f"{fmt}:{'+'.join(gguf_file.types(layers))}" if fmt == gguf_file.FORMAT else fmt
         for fmt, why in result.items()
         if why is None
     ]
-    refused = "; ".join(f"{fmt}: {why}" for fmt, why in result.items() if why is not None)
+    refused = " | ".join(f"{fmt}: {why}" for fmt, why in result.items() if why is not None)
     return {"exports": ",".join(ok) or "none", "exports_refused": refused[:5000] or "none"}
 
 

@@ -45,7 +45,7 @@ def spec_from_entry(entry: dict) -> QuantSpec:
 class QuantLinear(nn.Module):
     def __init__(
         self,
-        codes: torch.Tensor,
+        codes: torch.Tensor | None,
         scale: torch.Tensor,
         zero_point: torch.Tensor | None,
         spec: QuantSpec,
@@ -57,7 +57,11 @@ class QuantLinear(nn.Module):
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_scale: torch.Tensor | None = None,
         activation_zero_point: torch.Tensor | None = None,
+        *,
+        stored: tuple[tuple[int, int], torch.Tensor, tuple[int, int] | None] | None = None,
     ) -> None:
+        """``stored``: (shape, packed codes, zero point shape) as a checkpoint holds them, with ``codes``
+        None and an integer ``zero_point`` already packed; skips re-packing on load."""
         super().__init__()
         if activation is not None and activation.mode == "static":
             if activation_scale is None:
@@ -68,16 +72,21 @@ class QuantLinear(nn.Module):
                     f"asymmetric (symmetric={activation.spec.symmetric}, "
                     f"zero point {'missing' if activation_zero_point is None else 'given'})"
                 )
-        self.out_features, self.in_features = codes.shape
+        self.out_features, self.in_features = codes.shape if stored is None else stored[0]
         self.spec, self.block_size, self.activation = spec, tuple(block_size), activation
         # Codes are stored unsigned: symmetric codes are offset by 2**(bits-1) before packing.
         self._offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
-        self.register_buffer("packed", pack(codes.to(torch.int32) + self._offset, spec.bits))
+        if stored is None:
+            packed = pack(codes.to(torch.int32) + self._offset, spec.bits)
+            self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
+            self._zero_shape = None if zero_point is None else tuple(zero_point.shape)
+            if self._int_zero:
+                zero_point = pack(zero_point, spec.bits)
+        else:
+            _, packed, self._zero_shape = stored
+            self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
+        self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
-        self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
-        self._zero_shape = None if zero_point is None else tuple(zero_point.shape)
-        if self._int_zero:
-            zero_point = pack(zero_point, spec.bits)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # Static activation qparams, one per tensor, shape (1, 1); the zero point (uint8) only when asymmetric.
@@ -133,19 +142,14 @@ class QuantLinear(nn.Module):
         """The layer that ``manifest_entry`` and ``state_dict`` describe; its kernel is selected anew."""
         spec = spec_from_entry(entry["spec"])
         shape = (entry["out_features"], entry["in_features"])
-        offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
-        codes = (unpack(tensors["packed"], spec.bits, shape[0] * shape[1]) - offset).reshape(shape)
-        zero = tensors.get("zero_point")
-        if entry["zero_point"] == "int":
-            rows, cols = entry["zero_point_shape"]
-            zero = unpack(zero, spec.bits, rows * cols).reshape(rows, cols).to(torch.uint8)
+        zero_shape = None if entry["zero_point_shape"] is None else tuple(entry["zero_point_shape"])
         act = entry["activation"]
         activation = None if act is None else ActivationQuant(spec=spec_from_entry(act["spec"]), mode=act["mode"])
         lowrank = (tensors["lowrank_a"], tensors["lowrank_b"]) if "lowrank_a" in tensors else None
         return cls(
-            codes,
+            None,
             tensors["scale"],
-            zero,
+            tensors.get("zero_point"),
             spec,
             tuple(entry["block_size"]),
             tensors.get("bias"),
@@ -155,6 +159,7 @@ class QuantLinear(nn.Module):
             lowrank=lowrank,
             input_scale=tensors.get("input_scale"),
             activation_zero_point=tensors.get("activation_zero_point"),
+            stored=(shape, tensors["packed"], zero_shape),
         )
 
     # -- stored form -------------------------------------------------------------------------
