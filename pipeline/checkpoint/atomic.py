@@ -45,6 +45,7 @@ def atomic_dir(target: Path, needed_bytes: int = 0) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if target.exists():
             target.rmdir()  # empty (checked above): rename cannot replace a folder
         tmp.rename(target)
