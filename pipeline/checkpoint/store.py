@@ -84,6 +84,10 @@ def save_checkpoint(model: nn.Module, target: Path, info: Mapping) -> dict:
     ``info``: ``base_model`` (name, source, path, dtype, trust_remote_code), ``method``, ``layers``,
     ``run_id``, ``code`` (git commit and dirty flag), recorded as given.
     """
+    if "dtype" not in info.get("base_model", {}):
+        raise ValueError(
+            "a checkpoint needs info['base_model'] with at least its dtype: loading builds the model from it"
+        )
     tensors, aliases = model_tensors(model)
     manifest = {
         "format": "quantbench-checkpoint",
