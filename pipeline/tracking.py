@@ -30,8 +30,8 @@ PACKAGES = (
     "compressed-tensors",
     "gguf",
 )
-# The MLflow 3 UI opens an experiment by its kind: without this tag it guesses "GenAI" and shows an
-# empty traces overview; "custom_model_development" opens on the runs table.
+# What our experiments are (model training, not GenAI) for MLflow's API and UIs that read it. The
+# 3.17 UI decides by its own GenAI | Model training switch instead (make ui prints the link for it).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
