@@ -122,8 +122,10 @@ def store(tmp_path_factory, base_model):
     experiment = tracking.setup({"uri": uri, "experiment": "export"})
     runs = {}
 
-    def make(key, method, status="FINISHED", log_model=False, tags=None, metrics=None):
-        cfg = compose_cfg("model=hf", f"model.path={base_model}", f"method={method}", "data.calibration.num_samples=2")
+    def make(key, method, status="FINISHED", log_model=False, tags=None, metrics=None, overrides=()):
+        cfg = compose_cfg(
+            "model=hf", f"model.path={base_model}", f"method={method}", "data.calibration.num_samples=2", *overrides
+        )
         container = OmegaConf.to_container(cfg, resolve=True)
         model, model_path = rebuild(container)
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -145,6 +147,10 @@ def store(tmp_path_factory, base_model):
     make("failed", "symmetric", status="FAILED")
     make("two_bit", "w2_group")
     make("huge", "symmetric", metrics={"checkpoint_mb": 1e12})
+    # methods that calibrate or train: a rebuild must land on the same weights
+    make("gptq", "gptq")
+    make("ptq_static", "ptq_static")
+    make("qat", "qat", overrides=["method.train.steps=2", "method.train.batch_size=1"])
     return uri, runs
 
 
@@ -178,6 +184,15 @@ def test_export_rebuilds_a_run_without_a_checkpoint_and_checks_its_hash(store, t
     with pytest.raises(ValueError, match="gave different weights .* code or data changed"):
         _export(store, "changed", "checkpoint", tmp_path / "changed")
     assert not (tmp_path / "changed").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "fmt"), [("gptq", "gguf"), ("ptq_static", "compressed-tensors"), ("qat", "checkpoint")]
+)
+def test_rebuilding_a_calibrated_or_trained_run_reproduces_its_hash(store, key, fmt, tmp_path):
+    summary = _export(store, key, fmt, tmp_path / "out")  # raises if the rebuilt hash differs
+    assert summary["source"] == "rebuilt from the logged config"
+    assert summary["weights_sha256"] == mlflow.get_run(store[1][key]).data.tags[shipping.HASH_TAG]
 
 
 @pytest.mark.parametrize(
