@@ -44,7 +44,9 @@ lint: setup
 	$(VENV)/bin/ruff check pipeline tests benchmarks
 	$(VENV)/bin/ruff format --check pipeline tests benchmarks
 
+# MLflow 3.17's UI opens on GenAI views unless told (its sidebar switch, or this link): the runs table
 ui: setup
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning (or the sidebar's Model training switch)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:

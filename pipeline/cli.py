@@ -22,6 +22,7 @@ T = TypeVar("T")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
+    FileExistsError,
     PermissionError,
     ConnectionError,
     OmegaConfBaseException,

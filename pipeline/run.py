@@ -21,12 +21,14 @@ from pipeline import (
     calibrate,
     energy,
     evaluate,
+    export,
     generation,
     kept,
     layers,
     profile,
     published_grid,
     quantize,
+    shipping,
     tasks,
     tracking,
     train,
@@ -67,6 +69,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     if container["kernels"] not in kernels.PREFERENCES:
         raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
     quantize.check_storage(container["layers"])
+    shipping.check_tracking(container["tracking"])
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
     if task_cfg["names"]:
@@ -202,32 +205,27 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
     reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
 
-    stats = batches = None
-    if quantizing and quantize.needs_calibration(method):
-        start = time.perf_counter()
-        batches = calibration_batches(tokenizer, container["data"])
-        act = method.get("activations")
-        if act and act["mode"] == "static":
-            stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=cfg.seed)
-        record({"calibrate_s": time.perf_counter() - start})
-
-    start = time.perf_counter()
-    if quantizing and method.get("train"):
-        record({"train_s": _train_qat(model, selected, method, batches, container, cfg.seed)})
-    records = quantize.quantize_model(
-        model, method, container["layers"], stats, kernels=cfg.kernels, calibration=batches
+    tracking.log_dataset(tokens, "evaluation", container["data"])
+    records = quantize_stage(
+        model,
+        container,
+        lambda: _calibration_batches(tokenizer, container["data"]),
+        cfg.seed,
+        cfg.kernels,
+        record,
     )
-    del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     _log_layer_table(records)
     mlflow.set_tag("kept_layers", kept.describe_kept(model))  # what the method left float, and how it is stored
     record(
         {
-            "quantize_s": time.perf_counter() - start,
             "dequant_layers": float(sum(r.kernel == "dequant" for r in records)),
             **profile.memory_metrics(model, n_params, ref_bytes),
             **layers.coverage_metrics(model),  # the share of the decoder that bits_per_weight covers
         }
     )
+    if quantizing:
+        record(shipping.tag_hash(model))
+        mlflow.set_tags(export.tags(export.of_model(model)))
     if probe is not None:
         probe(model, tokens, reference)
 
@@ -260,7 +258,52 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
         record(speed)
         mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"]))
         record({"profile_s": time.perf_counter() - start})
+    if quantizing:
+        record(shipping.ship(model, container, model_path, mlflow.active_run().info.run_id, metrics))
     return metrics
+
+
+def _calibration_batches(tokenizer, data_cfg: dict) -> torch.Tensor:
+    batches = calibration_batches(tokenizer, data_cfg)
+    tracking.log_dataset(batches, "calibration", data_cfg)
+    return batches
+
+
+def quantize_stage(
+    model: torch.nn.Module,
+    container: dict,
+    make_batches: Callable[[], torch.Tensor],
+    seed: int,
+    kernels: str,
+    record: Callable[[Mapping[str, float]], None],
+    load_teacher: Callable[[], torch.nn.Module] | None = None,
+    log_step: Callable[[int, dict], None] | None = None,
+) -> list[quantize.LayerRecord]:
+    """Calibrate (if the method needs it), train (QAT), quantize in place; the per-layer table.
+
+    The one path from a config to quantized weights: a run and ``pipeline.export``'s rebuild both
+    take it, so a rebuild reproduces the run's weights (and its ``weights_sha256``).
+    """
+    method = container["method"]
+    torch.manual_seed(seed)
+    selected, _ = layers.select_layers(model, container["layers"], check_coverage=method["algorithm"] != "none")
+    stats = batches = None
+    if quantize.needs_calibration(method):  # False for the fp reference
+        start = time.perf_counter()
+        batches = make_batches()
+        act = method.get("activations")
+        if act and act["mode"] == "static":
+            stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
+        record({"calibrate_s": time.perf_counter() - start})
+    start = time.perf_counter()
+    if method.get("train"):
+        teacher = load_teacher or (lambda: load_model(container["model"])[0])
+        log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
+        record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
+    records = quantize.quantize_model(model, method, container["layers"], stats, kernels=kernels, calibration=batches)
+    del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
+    record({"quantize_s": time.perf_counter() - start})
+    return records
 
 
 def _extras(model, tokenizer, tokens, eval_cfg: dict, seed: int, record, bos: int | None, docs: dict) -> None:
@@ -317,15 +360,17 @@ def _beside(cache: Path, kind: str, key: dict) -> Path:
     return cache.with_name(f"{cache.stem}-{kind}-{digest}.json")
 
 
-def _train_qat(model, selected: dict, method: dict, batches, container: dict, seed: int) -> float:
+def _train_qat(
+    model, selected: dict, method: dict, batches, seed: int, load_teacher: Callable, log_step: Callable
+) -> float:
     """The train stage: fake-quantize the selected layers, train them, leave them for packing."""
     start = time.perf_counter()
     options = method["train"]
     train.check_options(options)
-    teacher = load_model(container["model"])[0] if options["loss"] == "kd" else None
+    teacher = load_teacher() if options["loss"] == "kd" else None
     spec = quantize.weight_spec(method)
     fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), layers.float_weight, spec)
-    train.fit(model, fakes, batches, options, seed, teacher, log_step=lambda step, m: mlflow.log_metrics(m, step=step))
+    train.fit(model, fakes, batches, options, seed, teacher, log_step=log_step)
     return time.perf_counter() - start
 
 

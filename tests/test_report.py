@@ -67,7 +67,7 @@ RUNS = [
         {"method": "gptq", "family": "algorithm", "bits": "4", "granularity": "group", "kernels": "aten_int4_groupwise",
          "tuned_from": "gptq_w4", "overrides": "method=gptq experiment=fake method.gptq.damp=0.05",
          "tuned_vs_preset": "worse", "tuned_objective": "kl_vs_ref", "tuned_best_value": "0.2",
-         "tuned_preset_value": "0.15", "algorithm": "gptq+rtn"},
+         "tuned_preset_value": "0.15", "algorithm": "gptq+rtn", "exports": "checkpoint,compressed-tensors,gguf:Q4_1"},
         {"method.bits": "4", "method.granularity": "group", "method.group_size": "64"},
         {"ppl": 24.0, "kl_vs_ref": 0.2, "kl_vs_ref_ci_low": 0.18, "kl_vs_ref_ci_high": 0.22, "bits_per_weight": 4.31,
          "weight_mb": 163.0, "decode_tok_s": 20.0, "speedup_vs_ref": 2.0, "speedup_vs_ref_ci_low": 1.9,
@@ -215,6 +215,8 @@ def test_method_table_rows_and_missing_cells(store):
     # measured and estimated energy in their own columns, never one filling the other
     assert gptq["energy J/token (measured)"] == "0.0123" and gptq["energy J/token (est.)"] == "-"
     assert gptq["$/1M tokens"] == "1.06" and gptq["decode vs floor"] == "4.0x"
+    assert gptq["exports"] == "checkpoint, compressed-tensors, gguf:Q4_1"
+    assert w2["exports"] == "not recorded" and _row(text, "| fp")["exports"] == "-"  # older run / nothing quantized
     fp = _row(text, "| fp")
     assert fp["energy J/token (measured)"] == "-" and fp["energy J/token (est.)"] == "0.05"
     assert fp["speed-up [95% CI]"] == "1.00x [0.97, 1.03] ~noise"  # the reference against itself: no win

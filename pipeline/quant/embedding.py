@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.quant.linear import QuantLinear
+from pipeline.quant.linear import QuantLinear, spec_entry, spec_from_entry
 from pipeline.quant.packing import pack, unpack
 from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 
@@ -83,8 +83,42 @@ class QuantEmbedding(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero_point) if t is not None)
 
     @property
+    def bytes_read_per_call(self) -> int:
+        """What one token's lookup reads: its row's codes, scales and zero points (the decode floor)."""
+        per_row = self._row_bytes + self._groups * self.scale.element_size()
+        if self.zero_point is not None:
+            per_row += self._groups * (self.zero_point.element_size() if self.zero_point.dtype != torch.uint8 else 1)
+        return per_row
+
+    @property
     def grid(self) -> str:
         return self.spec.describe()
+
+    def manifest_entry(self) -> dict:
+        """What the buffers do not say (checkpoint): the grid, the block, the table's shape and output."""
+        return {
+            "spec": spec_entry(self.spec),
+            "block_size": list(self.block_size),
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "output_dtype": str(self.output_dtype).removeprefix("torch."),
+            "embed_scale": self.embed_scale,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> QuantEmbedding:
+        """The table that ``manifest_entry`` and ``state_dict`` describe (tied: the lm_head's own tensors)."""
+        return cls(
+            tensors["packed"],
+            tensors["scale"],
+            tensors.get("zero_point"),
+            spec_from_entry(entry["spec"]),
+            tuple(entry["block_size"]),
+            entry["num_embeddings"],
+            entry["embedding_dim"],
+            output_dtype=getattr(torch, entry["output_dtype"]),
+            embed_scale=entry["embed_scale"],
+        )
 
     def _zero_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         if self.zero_point is None:

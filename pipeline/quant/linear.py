@@ -23,10 +23,29 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def spec_entry(spec: QuantSpec) -> dict:
+    """A QuantSpec as JSON-ready fields (its scale dtype by name)."""
+    return {
+        "bits": spec.bits,
+        "symmetric": spec.symmetric,
+        "zero_point_domain": spec.zero_point_domain,
+        "scale_dtype": _DTYPE_NAMES[spec.scale_dtype],
+        "symmetric_range": spec.symmetric_range,
+    }
+
+
+def spec_from_entry(entry: dict) -> QuantSpec:
+    dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+    return QuantSpec(**{**entry, "scale_dtype": dtypes[entry["scale_dtype"]]})
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
-        codes: torch.Tensor,
+        codes: torch.Tensor | None,
         scale: torch.Tensor,
         zero_point: torch.Tensor | None,
         spec: QuantSpec,
@@ -38,7 +57,11 @@ class QuantLinear(nn.Module):
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_scale: torch.Tensor | None = None,
         activation_zero_point: torch.Tensor | None = None,
+        *,
+        stored: tuple[tuple[int, int], torch.Tensor, tuple[int, int] | None] | None = None,
     ) -> None:
+        """``stored``: (shape, packed codes, zero point shape) as a checkpoint holds them, with ``codes``
+        None and an integer ``zero_point`` already packed; skips re-packing on load."""
         super().__init__()
         if activation is not None and activation.mode == "static":
             if activation_scale is None:
@@ -49,16 +72,21 @@ class QuantLinear(nn.Module):
                     f"asymmetric (symmetric={activation.spec.symmetric}, "
                     f"zero point {'missing' if activation_zero_point is None else 'given'})"
                 )
-        self.out_features, self.in_features = codes.shape
+        self.out_features, self.in_features = codes.shape if stored is None else stored[0]
         self.spec, self.block_size, self.activation = spec, tuple(block_size), activation
         # Codes are stored unsigned: symmetric codes are offset by 2**(bits-1) before packing.
         self._offset = 2 ** (spec.bits - 1) if spec.symmetric else 0
-        self.register_buffer("packed", pack(codes.to(torch.int32) + self._offset, spec.bits))
+        if stored is None:
+            packed = pack(codes.to(torch.int32) + self._offset, spec.bits)
+            self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
+            self._zero_shape = None if zero_point is None else tuple(zero_point.shape)
+            if self._int_zero:
+                zero_point = pack(zero_point, spec.bits)
+        else:
+            _, packed, self._zero_shape = stored
+            self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
+        self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
-        self._int_zero = zero_point is not None and zero_point.dtype == torch.uint8
-        self._zero_shape = None if zero_point is None else tuple(zero_point.shape)
-        if self._int_zero:
-            zero_point = pack(zero_point, spec.bits)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # Static activation qparams, one per tensor, shape (1, 1); the zero point (uint8) only when asymmetric.
@@ -72,6 +100,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("lowrank_b", b)
         # Per-input-channel multiplier on x (activation-aware scaling that could not be folded).
         self.register_buffer("input_scale", input_scale)
+        self.kernel_preference = kernel_preference
         self._kernel, self.kernel_note = kernels.select(self.tensors(), kernel_preference)
         self._kernel_state = self._kernel.prepare(self.tensors())
         self._kernel_only = input_scale is None and lowrank is None and bias is None
@@ -88,6 +117,51 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of a float weight (the RTN baseline of every method)."""
         scale, zero = choose_qparams(weight, spec, block_size)
         return cls(quantize(weight, scale, zero, spec, block_size), scale, zero, spec, block_size, bias, **kwargs)
+
+    # -- checkpoint entry (pipeline.checkpoint) ----------------------------------------------
+    def manifest_entry(self) -> dict:
+        """What the buffers do not say: the grid, the block, the activation scheme, the kernel.
+
+        With the buffers (``state_dict``) it rebuilds this layer exactly (``from_entry``).
+        """
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "spec": spec_entry(self.spec),
+            "block_size": list(self.block_size),
+            "zero_point": None if self.zero_point is None else ("int" if self._int_zero else "float"),
+            "zero_point_shape": None if self._zero_shape is None else list(self._zero_shape),
+            "activation": None
+            if self.activation is None
+            else {"spec": spec_entry(self.activation.spec), "mode": self.activation.mode},
+            "kernel_preference": self.kernel_preference,
+            "kernel": self.kernel,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> QuantLinear:
+        """The layer that ``manifest_entry`` and ``state_dict`` describe; its kernel is selected anew."""
+        spec = spec_from_entry(entry["spec"])
+        shape = (entry["out_features"], entry["in_features"])
+        zero_shape = None if entry["zero_point_shape"] is None else tuple(entry["zero_point_shape"])
+        act = entry["activation"]
+        activation = None if act is None else ActivationQuant(spec=spec_from_entry(act["spec"]), mode=act["mode"])
+        lowrank = (tensors["lowrank_a"], tensors["lowrank_b"]) if "lowrank_a" in tensors else None
+        return cls(
+            None,
+            tensors["scale"],
+            tensors.get("zero_point"),
+            spec,
+            tuple(entry["block_size"]),
+            tensors.get("bias"),
+            activation,
+            tensors.get("activation_scale"),
+            entry["kernel_preference"],
+            lowrank=lowrank,
+            input_scale=tensors.get("input_scale"),
+            activation_zero_point=tensors.get("activation_zero_point"),
+            stored=(shape, tensors["packed"], zero_shape),
+        )
 
     # -- stored form -------------------------------------------------------------------------
     def tensors(self) -> kernels.LayerTensors:

@@ -128,6 +128,7 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
             "tuned vs preset": col(runs, "tags.tuned_vs_preset"),
             "on published grid": published,
             "kernels": col(runs, "tags.kernels"),
+            "exports": [exports_cell(v, m) for v, m in zip(col(runs, "tags.exports"), col(runs, "tags.method"))],
             "gen match": num(runs, "metrics.gen_match_rate"),
             "notes": notes(runs),
         }
@@ -137,6 +138,14 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
         ["_bits", "_drop"], ascending=[False, True], na_position="last"
     )
     return table.loc[order.index].reset_index(drop=True)
+
+
+def exports_cell(tag, method) -> str:
+    """The formats a run's weights can be written to exactly (its ``exports`` tag, e.g.
+    ``checkpoint,compressed-tensors,gguf:Q4_1``); the reference has nothing quantized to export."""
+    if missing(tag):
+        return "-" if method == "fp" else "not recorded"
+    return str(tag).replace(",", ", ")
 
 
 def _interval_cells(table: pd.DataFrame, name: str, fmt: str) -> list[str]:
@@ -194,6 +203,7 @@ def method_cells(table: pd.DataFrame) -> pd.DataFrame:
             "stability (std)": [cell(v, "±{:.3g}") for v in t["stability (std)"]],
             "tuned settings": t["tuned settings"],
             "kernels": [cell(v, "{}") for v in t["kernels"]],
+            "exports": t["exports"],
             "gen match": [cell(v, "{:.3f}") for v in t["gen match"]],
             "notes": t["notes"],
         }
@@ -314,7 +324,9 @@ def methods_markdown(experiment: str, runs: pd.DataFrame) -> str:
         "what the method left unquantized and how it is stored (`kept_layers`: the embeddings, in "
         "`layers.keep_dtype` or on `layers.embeddings`' grid, and the norms). stability: std of the accuracy "
         "metric across seeds, for methods "
-        "repeated over seeds. gen match: `gen_match_rate`. "
+        "repeated over seeds. exports: the formats the run's weights can be written to exactly "
+        "(`python -m pipeline.export --run-id ID --format F`; gguf with its GGML type; tag `exports`, the reasons "
+        "for the others in `exports_refused`); not recorded: a run older than the tag. gen match: `gen_match_rate`. "
         + EFFICIENCY_NOTE
         + "\n\n"
         + flag_notes(runs)
