@@ -193,6 +193,7 @@ def test_every_search_space_composes_and_samples_valid_settings(method, base):
 def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     import os
     import signal
+    import threading
     import time
 
     name, overrides = _study(base, "tune.n_trials=3", "tune.heartbeat_s=1", "tune.grace_period_s=2")
@@ -227,7 +228,14 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
             # Frozen while we look (a loaded machine makes the look slower than a tiny trial): the state we
             # check is the state we kill. Not yet caught (its MLflow run not open yet): let it run a moment.
             worker.send_signal(signal.SIGSTOP)
-            if caught_mid_trial():
+            # A worker frozen inside an sqlite write holds its lock and our look would wait on it for
+            # ever (seen: a 14-minute hang): thaw it after a few seconds; that look then does not count.
+            thawed = threading.Event()
+            thaw = threading.Timer(5.0, lambda e=thawed: (e.set(), worker.send_signal(signal.SIGCONT)))
+            thaw.start()
+            caught = caught_mid_trial()
+            thaw.cancel()
+            if caught and not thawed.is_set():
                 break
             worker.send_signal(signal.SIGCONT)
         worker.send_signal(signal.SIGKILL)
