@@ -196,6 +196,8 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     import threading
     import time
 
+    import sqlalchemy
+
     name, overrides = _study(base, "tune.n_trials=3", "tune.heartbeat_s=1", "tune.grace_period_s=2")
     storage = f"sqlite:///{base[0]}/optuna.db"
     env = {**os.environ, "QUANTBENCH_CACHE": str(base[0] / "cache"), "OMP_NUM_THREADS": "1"}
@@ -228,12 +230,15 @@ def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
             # Frozen while we look (a loaded machine makes the look slower than a tiny trial): the state we
             # check is the state we kill. Not yet caught (its MLflow run not open yet): let it run a moment.
             worker.send_signal(signal.SIGSTOP)
-            # A worker frozen inside an sqlite write holds its lock and our look would wait on it for
-            # ever (seen: a 14-minute hang): thaw it after a few seconds; that look then does not count.
+            # A worker frozen inside an sqlite write holds its lock: our look would wait on it (a 14-minute
+            # hang seen) or fail with "database is locked". Thaw it after 2 s; that look does not count.
             thawed = threading.Event()
-            thaw = threading.Timer(5.0, lambda e=thawed: (e.set(), worker.send_signal(signal.SIGCONT)))
+            thaw = threading.Timer(2.0, lambda e=thawed: (e.set(), worker.send_signal(signal.SIGCONT)))
             thaw.start()
-            caught = caught_mid_trial()
+            try:
+                caught = caught_mid_trial()
+            except (sqlalchemy.exc.OperationalError, mlflow.exceptions.MlflowException):
+                caught = False  # "database is locked": the frozen worker held it; look again
             thaw.cancel()
             if caught and not thawed.is_set():
                 break
