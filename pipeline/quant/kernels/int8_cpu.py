@@ -15,6 +15,7 @@ import torch
 
 from pipeline.quant.kernels import cpp
 from pipeline.quant.kernels.base import NOT_BUILT, LayerTensors
+from pipeline.quant.kernels.int8_int_mm import w8a8_layout_refusal
 
 # -- the kernel ---------------------------------------------------------------------------------
 # |acc| <= K * 255 * 128 must fit int32 (asymmetric codes enter as q - z in [-255, 255]).
@@ -27,11 +28,10 @@ class Int8Cpu:
     devices = ("cpu",)
 
     def supports(self, layer: LayerTensors) -> str | None:
+        refusal = w8a8_layout_refusal(layer)
+        if refusal is not None:
+            return refusal
         act = layer.activation
-        if act is None or act.spec.bits != 8:
-            return "needs 8-bit activations"
-        if layer.spec.bits != 8 or not layer.spec.symmetric or not layer.per_row:
-            return "needs symmetric 8-bit weights with one scale per output row"
         if act.spec.scale_dtype not in SCALE_DTYPES:
             return f"activation scale dtype {act.spec.scale_dtype} is not one of {', '.join(map(str, SCALE_DTYPES))}"
         if layer.in_features > MAX_IN_FEATURES:

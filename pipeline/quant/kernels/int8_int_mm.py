@@ -12,17 +12,23 @@ from pipeline.quant.activation import quantize_activation
 from pipeline.quant.kernels.base import LayerTensors
 
 
+def w8a8_layout_refusal(layer: LayerTensors) -> str | None:
+    """Why a layer is not W8A8 as the integer kernels take it (8-bit activations, symmetric 8-bit
+    weights with one scale per output row), or None."""
+    act = layer.activation
+    if act is None or act.spec.bits != 8:
+        return "needs 8-bit activations"
+    if layer.spec.bits != 8 or not layer.spec.symmetric or not layer.per_row:
+        return "needs symmetric 8-bit weights with one scale per output row"
+    return None
+
+
 class Int8IntMM:
     name = "int8_int_mm"
     devices = ("cpu", "cuda")
 
     def supports(self, layer: LayerTensors) -> str | None:
-        act = layer.activation
-        if act is None or act.spec.bits != 8:
-            return "needs 8-bit activations"
-        if layer.spec.bits != 8 or not layer.spec.symmetric or not layer.per_row:
-            return "needs symmetric 8-bit weights with one scale per output row"
-        return None
+        return w8a8_layout_refusal(layer)
 
     def describe(self, layer: LayerTensors) -> str:
         act = layer.activation
