@@ -10,10 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.assets import embedded_model_dir
+from pipeline.device import DTYPES, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(cfg: Mapping) -> str:
@@ -32,14 +31,15 @@ def resolve_model_path(cfg: Mapping) -> str:
     return str(Path(path).expanduser()) if looks_local else path
 
 
-def load_model(cfg: Mapping) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+def load_model(cfg: Mapping, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in ``cfg["dtype"]`` (``auto`` resolved for ``device``) on ``device``, and its tokenizer."""
+    device = torch.device(device)
+    dtype = DTYPES[resolve_dtype(cfg["dtype"], device)]
     path = resolve_model_path(cfg)
     trust = bool(cfg.get("trust_remote_code", False))
     # use_safetensors=True: never unpickle a model file (a .bin checkpoint is refused).
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg["dtype"]], use_safetensors=True, trust_remote_code=trust
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust).to(
+        device
     )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     model.eval()

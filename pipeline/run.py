@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import (
     calibrate,
+    device,
     energy,
     evaluate,
     export,
@@ -62,7 +63,10 @@ def run_name(cfg: DictConfig, overrides: list[str]) -> str:
 
 
 def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, str], str]:
-    """Every check that needs no model, then the MLflow experiment: (experiment id, run name, tags, model path)."""
+    """Every check that needs no model, then the MLflow experiment: (experiment id, run name, tags, model path).
+
+    Resolves ``device`` and ``model.dtype`` in ``cfg`` first (pipeline/device.py)."""
+    device.resolve(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
     check_method(method)
@@ -187,7 +191,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
         metrics.update(new)
         mlflow.log_metrics(dict(new))
 
-    model, tokenizer = load_model(container["model"])
+    model, tokenizer = load_model(container["model"], container["device"])
     bos = evaluate.resolve_bos(tokenizer, eval_cfg["bos"])
     evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None), bos)
     mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
@@ -252,7 +256,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     record({"eval_s": time.perf_counter() - start, "peak_rss_mb": profile.peak_rss_mb()})
     if cfg.profile.enabled:
         start = time.perf_counter()
-        reference_model = load_model(container["model"])[0] if quantizing else model
+        reference_model = load_model(container["model"], container["device"])[0] if quantizing else model
         speed, energy_source = profile.profile_metrics(model, reference_model, tokens, container["profile"])
         mlflow.set_tag("energy_source", energy_source)
         record(speed)
@@ -297,7 +301,7 @@ def quantize_stage(
         record({"calibrate_s": time.perf_counter() - start})
     start = time.perf_counter()
     if method.get("train"):
-        teacher = load_teacher or (lambda: load_model(container["model"])[0])
+        teacher = load_teacher or (lambda: load_model(container["model"], container["device"])[0])
         log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
         record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
     records = quantize.quantize_model(model, method, container["layers"], stats, kernels=kernels, calibration=batches)

@@ -152,7 +152,7 @@ def load_checkpoint(folder: Path) -> Loaded:
     base = manifest["base_model"]
     trust = bool(base.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
-    from pipeline.load import DTYPES
+    from pipeline.device import DTYPES
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[base["dtype"]], trust_remote_code=trust)
