@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.assets import embedded_model_dir
-from pipeline.device import DTYPES, resolve_dtype
+from pipeline.device import DTYPES, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ def resolve_model_path(cfg: Mapping) -> str:
 
 
 def load_model(cfg: Mapping, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in ``cfg["dtype"]`` (``auto`` resolved for ``device``) on ``device``, and its tokenizer."""
-    device = torch.device(device)
+    """The model in ``cfg["dtype"]`` on ``device`` (either may be ``auto``: pipeline/device.py), and its tokenizer."""
+    device = resolve_device(str(device))
     dtype = DTYPES[resolve_dtype(cfg["dtype"], device)]
     path = resolve_model_path(cfg)
     trust = bool(cfg.get("trust_remote_code", False))

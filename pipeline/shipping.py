@@ -17,7 +17,7 @@ import mlflow
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from torch import nn
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, device, tracking
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def checkpoint_info(container: Mapping, model_path: str, run_id: str | None) -> 
             "name": model_cfg["name"],
             "source": model_cfg["source"],
             "path": model_path,
-            "dtype": model_cfg["dtype"],
+            # concrete (a run's config is resolved already; a bare composed one may still say auto)
+            "dtype": device.resolve_dtype(model_cfg["dtype"], device.resolve_device(container.get("device", "cpu"))),
             "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
         },
         "method": container["method"],
