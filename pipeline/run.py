@@ -29,6 +29,7 @@ from pipeline import (
     profile,
     published_grid,
     quantize,
+    reference_store,
     shipping,
     tasks,
     tracking,
@@ -203,8 +204,10 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
-    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos)
-    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos)
+    store = reference_store.resolve_store(eval_cfg, evaluate.vocab_size(model))
+    mlflow.log_param("eval.reference_store", store.name)
+    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos, store)
+    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos, store)
     reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
     reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
@@ -235,7 +238,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 
     record({"rss_start_mb": profile.reset_peak_rss()})  # the live memory the eval peak starts from
     start = time.perf_counter()
-    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos)
+    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos, reference=reference)
     record(evaluate.compare(scores, reference, eval_cfg["ci"]))
     record({f"ref_{k}": v for k, v in reference_extra.items()})
     if prompts:
