@@ -307,9 +307,12 @@ def quantize_stage(
         teacher = load_teacher or (lambda: load_model(container["model"], container["device"])[0])
         log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
         record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
-    records = quantize.quantize_model(model, method, container["layers"], stats, kernels=kernels, calibration=batches)
+    steps: dict[str, float] = {}
+    records = quantize.quantize_model(
+        model, method, container["layers"], stats, kernels=kernels, calibration=batches, timings=steps
+    )
     del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
-    record({"quantize_s": time.perf_counter() - start})
+    record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in steps.items()}})
     return records
 
 
