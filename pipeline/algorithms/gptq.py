@@ -96,7 +96,7 @@ def gptq_quantize(
     ``act_order`` quantizes columns in order of decreasing ``H[i, i]`` (most important first).
 
     The sweep is independent per row of qparams (``block_size[0]`` rows): ``threads`` (default
-    ``torch.get_num_threads()``) sweep disjoint row slices at once, each with one intra-op thread
+    ``torch.get_num_threads()`` on a CPU, 1 on a GPU) sweep disjoint row slices at once, each with one intra-op thread
     (the sweep is thousands of small ops, which intra-op threads slow down). ``timings`` gets the
     seconds of the Hessian inverse (``hessian``) and of the sweep (``sweep``) added.
     """
@@ -110,7 +110,8 @@ def gptq_quantize(
         )
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
-    threads = torch.get_num_threads() if threads is None else threads
+    if threads is None:  # a GPU sweeps all rows at once: more slices would only add kernel launches
+        threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"method.gptq.threads must be a positive integer or null (all torch threads), got {threads!r}")
     timings = {} if timings is None else timings
