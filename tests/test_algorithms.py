@@ -305,3 +305,17 @@ def test_lowrank_factors_are_the_truncated_svd_without_a_full_svd(shape):
     assert torch.allclose((a @ b).double(), best, rtol=0, atol=1e-5 * float(best.abs().max()))
     # balanced as before: A = U sqrt(S), B = sqrt(S) Vh, so both factors have the same column/row norms
     assert torch.allclose(a.norm(dim=0), b.norm(dim=1), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method,steps",
+    [
+        ("gptq", {"block_forward", "hessian", "sweep", "pack"}),
+        ("activation_aware", {"block_forward", "awq_search", "rtn", "pack"}),
+        ("lowrank_w4", {"lowrank", "pack"}),
+    ],
+)
+def test_quantization_reports_the_seconds_of_each_step(method, steps):
+    timings = {}
+    quantize.quantize_model(tiny_llama(), method_cfg(method), layers_cfg(), calibration=BATCHES, timings=timings)
+    assert set(timings) == steps and all(seconds > 0 for seconds in timings.values())
