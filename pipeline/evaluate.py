@@ -13,7 +13,10 @@ bootstrap over evaluation windows (targets within a window share context, so win
 independent units), KL by a bootstrap over blocks of ``eval.ci.kl_block_tokens`` consecutive
 scored targets (KL covers only the first ``kl_tokens`` targets, a few windows: too few units).
 
-The reference's outputs are computed once per (model, evaluation config, BOS) and cached on disk.
+The reference's outputs are computed once per (model, evaluation config, BOS, storage form) and
+cached on disk; its distribution at the KL targets is kept in the form ``pipeline.reference_store``
+chooses within ``eval.reference_cache_max_mb``. A model's KL is computed window by window as it is
+scored, so no more than one batch's logits and one window's log-probs exist at once.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from pipeline import stats
+from pipeline import cachefile, stats
 from pipeline.assets import cache_dir
 from pipeline.data import load_corpus, split_half, token_stream
 from pipeline.progress import progress
+from pipeline.reference_store import FULL, ReferenceDist, Store, check_store, keep, kl_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,18 @@ log = logging.getLogger(__name__)
 BOS_MODES = ("auto", True, False)
 
 
+KL_CHUNK = 128  # targets per KL step: bounds the temporaries of a top-k reference's bound
+
+
 @dataclass
 class Scores:
     nll: torch.Tensor  # (n_scored,) per-target negative log-likelihood
     argmax: torch.Tensor  # (n_scored,) top-1 prediction at each target
-    logprobs: torch.Tensor  # (kl_tokens, vocab) full log-distribution at the first targets
+    kl: torch.Tensor | None = None  # (n_kl,) KL(reference || model) at the first targets; None: not scored
     window: torch.Tensor | None = None  # (n_scored,) index of the window that scored each target
     bos_token_id: int | None = None  # the BOS put before every window, None: none
+    kl_bound: torch.Tensor | None = None  # (n_kl,) how far the exact KL may exceed ``kl`` (0: exact)
+    distribution: ReferenceDist | None = None  # the reference's own, at the first kl_tokens targets
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -133,6 +142,7 @@ def check_protocol(eval_cfg: Mapping, max_positions: int | None, bos_token_id: i
     if eval_cfg["bos"] not in BOS_MODES:
         raise ValueError(f"eval.bos must be one of auto, true, false; got {eval_cfg['bos']!r}")
     check_ci(eval_cfg["ci"])
+    check_store(eval_cfg)
 
 
 def check_ci(ci: Mapping) -> None:
@@ -145,6 +155,14 @@ def check_ci(ci: Mapping) -> None:
         raise ValueError(f"eval.ci.seed must be an integer, got {ci['seed']!r}")
 
 
+def vocab_size(model) -> int:
+    """The number of logits the model outputs per position (its lm_head's rows)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
 def _with_bos(ids: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
     if bos_token_id is None:
         return ids
@@ -152,32 +170,57 @@ def _with_bos(ids: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None = None) -> Scores:
+def score(
+    model,
+    tokens: torch.Tensor,
+    eval_cfg: Mapping,
+    bos_token_id: int | None = None,
+    *,
+    reference: Scores | None = None,
+    store: Store | None = None,
+) -> Scores:
     """Run every window through ``model``; keep what perplexity and agreement need.
 
     With ``bos_token_id`` each window gets that token in front as context; the scored targets stay
-    the same tokens.
+    the same tokens. With ``reference`` the KL against it at the first ``kl_tokens`` targets is
+    computed as each window is scored (the model's distribution is never kept); with ``store`` the
+    model is the reference and keeps its own distribution there in that form.
     """
     spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
     kl_tokens, batch_size = int(eval_cfg["kl_tokens"]), int(eval_cfg["batch_size"])
+    if reference is not None:
+        kl_tokens = min(kl_tokens, reference.distribution.rows)
     offset = 0 if bos_token_id is None else 1
-    nll, argmax, kept = [], [], []
-    n_kept = 0
+    nll, argmax, kl, bound, kept = [], [], [], [], []
+    n_kl = 0
     for i in progress(range(0, len(spans), batch_size), f"evaluate: batches of {batch_size} windows", "batch"):
         batch = spans[i : i + batch_size]
         ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits
         for row, (_, _, first) in enumerate(batch):
             # position t predicts token t+1: scored targets first..T-1 of the window sit at
             # first+offset.. in ids and use the logits one position earlier
-            logprobs = F.log_softmax(logits[row, first - 1 + offset : -1], dim=-1)
+            logprobs = F.log_softmax(logits[row, first - 1 + offset : -1].float(), dim=-1)
             targets = ids[row, first + offset :]
             nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1))
             argmax.append(logprobs.argmax(-1))
-            if n_kept < kl_tokens:
-                kept.append(logprobs[: kl_tokens - n_kept].clone())
-                n_kept += kept[-1].shape[0]
-    return Scores(torch.cat(nll), torch.cat(argmax), torch.cat(kept), window_index(spans), bos_token_id)
+            for c in range(0, min(kl_tokens - n_kl, logprobs.shape[0]), KL_CHUNK):
+                chunk = logprobs[c : min(c + KL_CHUNK, kl_tokens - n_kl)]
+                if reference is not None:
+                    kl_chunk, bound_chunk = kl_rows(reference.distribution, n_kl + c, chunk)
+                    kl.append(kl_chunk)
+                    bound.append(bound_chunk)
+                if store is not None:
+                    kept.append(keep(chunk, store))
+            n_kl = min(kl_tokens, n_kl + logprobs.shape[0])
+        del logits
+    scores = Scores(torch.cat(nll), torch.cat(argmax), window=window_index(spans), bos_token_id=bos_token_id)
+    if reference is not None:
+        scores.kl, scores.kl_bound = torch.cat(kl), torch.cat(bound)
+    if store is not None:  # the reference against itself: KL exactly 0
+        scores.distribution = ReferenceDist.cat(kept)
+        scores.kl, scores.kl_bound = torch.zeros(n_kl), torch.zeros(n_kl)
+    return scores
 
 
 @torch.no_grad()
@@ -213,66 +256,72 @@ def _model_fingerprint(model_path: str) -> str:
 
 
 def reference_cache_path(
-    model_path: str, model_dtype: str, eval_cfg: Mapping, data_cfg: Mapping, bos_token_id: int | None
+    model_path: str,
+    model_dtype: str,
+    eval_cfg: Mapping,
+    data_cfg: Mapping,
+    bos_token_id: int | None,
+    store: Store = FULL,
 ) -> Path:
-    key = json.dumps(
-        {
-            "model": _model_fingerprint(model_path),
-            "dtype": model_dtype,
-            "bos_token_id": bos_token_id,
-            "eval": {k: eval_cfg[k] for k in ("tokens", "context", "stride", "add_special_tokens", "kl_tokens")},
-            "corpus": data_cfg["corpora"][data_cfg["evaluation"]["corpus"]],
-            "corpus_name": data_cfg["evaluation"]["corpus"],
-        },
-        sort_keys=True,
-        default=str,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = {
+        "model": _model_fingerprint(model_path),
+        "dtype": model_dtype,
+        "bos_token_id": bos_token_id,
+        "eval": {k: eval_cfg[k] for k in ("tokens", "context", "stride", "add_special_tokens", "kl_tokens")},
+        "corpus": data_cfg["corpora"][data_cfg["evaluation"]["corpus"]],
+        "corpus_name": data_cfg["evaluation"]["corpus"],
+    }
+    if store.k is not None:  # the full form keeps the key it always had: existing caches stay valid
+        key["store"] = store.name
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_dir() / "reference" / f"{digest}.safetensors"
 
 
 def cached_json(path: Path, compute) -> dict:
-    """A small JSON of reference results, computed once and kept next to the reference logits."""
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(result, sort_keys=True))
-    tmp.rename(path)
-    return result
+    """A small JSON of reference results, computed once (by one process) and kept next to the reference logits."""
+    return cachefile.compute_once(
+        path,
+        compute,
+        write=lambda result, tmp: tmp.write_text(json.dumps(result, sort_keys=True)),
+        read=lambda p: json.loads(p.read_text()),
+    )
 
 
 def load_or_compute_reference(
-    path: Path, model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None
+    path: Path, model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None, store: Store = FULL
 ) -> Scores:
-    """The reference's scores; ``path`` (``reference_cache_path``) is keyed by the BOS as well."""
-    if path.exists():
-        log.info("reference outputs from cache %s", path)
-        cached = load_file(path)
+    """The reference's scores; ``path`` (``reference_cache_path``) is keyed by the BOS and ``store`` as well.
+
+    Computed by one process; others asking at the same time wait for it and read its file.
+    """
+    # The windows follow from the protocol, which the cache key holds.
+    spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
+
+    def compute() -> Scores:
+        log.info("computing reference outputs (%s, cached at %s)", store.name, path)
+        return score(model, tokens, eval_cfg, bos_token_id, store=store)
+
+    def write(scores: Scores, tmp: Path) -> None:
+        save_file({"tokens": tokens, "nll": scores.nll, "argmax": scores.argmax, **scores.distribution.tensors()}, tmp)
+
+    def read(cached_path: Path) -> Scores:
+        log.info("reference outputs from cache %s", cached_path)
+        cached = load_file(cached_path)
         if not torch.equal(cached["tokens"], tokens):
-            raise RuntimeError(f"reference cache {path} was built on other tokens; delete it and rerun")
-        # The windows follow from the protocol, which the cache key holds.
-        spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
-        return Scores(cached["nll"], cached["argmax"], cached["logprobs"], window_index(spans), bos_token_id)
-    log.info("computing reference outputs (cached at %s)", path)
-    scores = score(model, tokens, eval_cfg, bos_token_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({"tokens": tokens, "nll": scores.nll, "argmax": scores.argmax, "logprobs": scores.logprobs}, tmp)
-    tmp.rename(path)
-    return scores
+            raise RuntimeError(f"reference cache {cached_path} was built on other tokens; delete it and rerun")
+        distribution = ReferenceDist.from_tensors(cached)
+        rows = distribution.rows
+        return Scores(
+            cached["nll"],
+            cached["argmax"],
+            torch.zeros(rows),
+            window_index(spans),
+            bos_token_id,
+            torch.zeros(rows),
+            distribution,
+        )
 
-
-def kl_per_target(logprobs: torch.Tensor, reference: Scores) -> torch.Tensor:
-    """KL(reference || model) at each of the first ``len(logprobs)`` scored targets."""
-    ref_logprobs = reference.logprobs[: logprobs.shape[0]]
-    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
-
-
-def kl_vs_reference(logprobs: torch.Tensor, reference: Scores) -> float:
-    """Mean KL(reference || model) over the first ``len(logprobs)`` scored targets."""
-    return float(kl_per_target(logprobs, reference).mean())
+    return cachefile.compute_once(path, compute, write, read)
 
 
 def kl_on_prefix(model, tokens: torch.Tensor, reference: Scores, eval_cfg: Mapping) -> float:
@@ -280,7 +329,7 @@ def kl_on_prefix(model, tokens: torch.Tensor, reference: Scores, eval_cfg: Mappi
 
     The windows start the way the reference's did (with its BOS, if any).
     """
-    return kl_vs_reference(score(model, tokens, eval_cfg, reference.bos_token_id).logprobs, reference)
+    return float(score(model, tokens, eval_cfg, reference.bos_token_id, reference=reference).kl.mean())
 
 
 def kl_blocks(window: torch.Tensor, block_tokens: int) -> torch.Tensor:
@@ -304,7 +353,9 @@ def compare(scores: Scores, reference: Scores, ci: Mapping | None = None) -> dic
         "ppl": ppl,
         "ppl_ref": ppl_ref,
         "dppl_pct": 100.0 * (ppl / ppl_ref - 1.0),
-        "kl_vs_ref": kl_vs_reference(scores.logprobs, reference),
+        "kl_vs_ref": float(scores.kl.mean()),
+        # the exact KL is in [kl_vs_ref, kl_vs_ref + kl_vs_ref_bound]; 0 where the reference is stored in full
+        "kl_vs_ref_bound": float(scores.kl_bound.mean()),
         "top1_agree": float((scores.argmax == reference.argmax).float().mean()),
         "eval_tokens_scored": float(scores.nll.numel()),
     }
@@ -326,7 +377,7 @@ def intervals(scores: Scores, reference: Scores, ci: Mapping) -> dict[str, float
     ppl_low, ppl_high = stats.percentile_interval(mean_nll.exp())
     dppl_low, dppl_high = stats.percentile_interval(100.0 * (torch.exp(mean_nll - ref_mean_nll) - 1.0))
 
-    kl = kl_per_target(scores.logprobs, reference)
+    kl = scores.kl
     blocks = kl_blocks(scores.window[: kl.numel()], int(ci["kl_block_tokens"]))
     kl_sums, kl_counts = stats.unit_sums(kl, blocks)
     kl_draws = stats.resampled_means(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,7 +33,6 @@ from pipeline.layers import (
     set_module,
     weight_matrices,
 )
-from pipeline.profile import torch_threads
 from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
@@ -216,32 +216,31 @@ class QuantizedWeight:
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _rtn(weight, spec, block, _inputs, _options) -> QuantizedWeight:
+def _rtn(weight, spec, block, _inputs, _options, _timings) -> QuantizedWeight:
     scale, zero = choose_qparams(weight, spec, block)
     return QuantizedWeight(quantize(weight, scale, zero, spec, block), scale, zero)
 
 
-def _gptq(weight, spec, block, inputs: LayerInputs, options) -> QuantizedWeight:
+def _gptq(weight, spec, block, inputs: LayerInputs, options, timings: dict[str, float]) -> QuantizedWeight:
     hessian = inputs.hessian.hessian
     if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
         m = inputs.input_multiplier.double()
         hessian = hessian * m[:, None] * m[None, :]
-    # The column sweep is thousands of small ops, where threads only add overhead (measured on a
-    # 1536x576 layer with another process on the cores: 0.5 s on one thread, 14 s on two).
-    with torch_threads(1):
-        codes, scale, zero = gptq_quantize(
-            weight,
-            hessian,
-            spec,
-            block,
-            damp=float(options["damp"]),
-            block=int(options["block"]),
-            act_order=bool(options["act_order"]),
-        )
+    codes, scale, zero = gptq_quantize(
+        weight,
+        hessian,
+        spec,
+        block,
+        damp=float(options["damp"]),
+        block=int(options["block"]),
+        act_order=bool(options["act_order"]),
+        threads=options.get("threads"),
+        timings=timings,
+    )
     return QuantizedWeight(codes, scale, zero)
 
 
-def _hqq(weight, spec, block, _inputs, options) -> QuantizedWeight:
+def _hqq(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight:
     codes, scale, zero = hqq_quantize(
         weight,
         spec,
@@ -254,7 +253,7 @@ def _hqq(weight, spec, block, _inputs, options) -> QuantizedWeight:
     return QuantizedWeight(codes, scale, zero)
 
 
-def _lowrank(weight, spec, block, _inputs, options) -> QuantizedWeight:
+def _lowrank(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight:
     codes, scale, zero, a, b = lowrank_quantize(
         weight, spec, block, rank=int(options["rank"]), iters=int(options["iters"])
     )
@@ -262,7 +261,8 @@ def _lowrank(weight, spec, block, _inputs, options) -> QuantizedWeight:
 
 
 # name -> (function, needs calibration inputs with a Hessian). Each reads its options from
-# method.<name> (e.g. method.gptq.damp).
+# method.<name> (e.g. method.gptq.damp); one that times its own steps adds them to ``timings``
+# (seconds by step name), else its whole call is timed under its name.
 ALGORITHMS: dict[str, tuple[Callable, bool]] = {
     "rtn": (_rtn, False),
     "gptq": (_gptq, True),
@@ -336,8 +336,12 @@ def _quantize_layer(
     act_stats: ActivationStats | None = None,
     input_scale: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> LayerRecord:
-    """Replace one layer by its QuantLinear; ``reference`` is the original float weight (out, in)."""
+    """Replace one layer by its QuantLinear; ``reference`` is the original float weight (out, in).
+
+    ``timings`` gets the seconds of the algorithm's steps and of packing (``pack``) added."""
+    timings = {} if timings is None else timings
     method = layer_method(method, name)
     spec, act = weight_spec(method), activation_quant(method)
     weight = float_weight(module).float()
@@ -346,7 +350,10 @@ def _quantize_layer(
     else:
         block = block_size_for(weight.shape, method["granularity"], method["group_size"])
         function, _ = ALGORITHMS[method["algorithm"]]
-        result = function(weight, spec, block, inputs, method.get(method["algorithm"]) or {})
+        start, own = time.perf_counter(), {}
+        result = function(weight, spec, block, inputs, method.get(method["algorithm"]) or {}, own)
+        _add(timings, own or {method["algorithm"]: time.perf_counter() - start})
+    start = time.perf_counter()
     act_scale = act_zero = None
     if act is not None and act.mode == "static":
         options = method["activations"]
@@ -367,6 +374,7 @@ def _quantize_layer(
         input_scale=input_scale,
         activation_zero_point=act_zero,
     )
+    _add(timings, {"pack": time.perf_counter() - start})
     reference = weight if reference is None else reference
     error = (qlayer.effective_weight() - reference).norm() / reference.norm().clamp_min(1e-12)
     set_module(model, name, qlayer)
@@ -385,6 +393,11 @@ def _quantize_layer(
         weight_bytes=qlayer.weight_bytes,
         kernel_cache_bytes=qlayer.kernel_cache_bytes,
     )
+
+
+def _add(timings: dict[str, float], new: Mapping[str, float]) -> None:
+    for key, seconds in new.items():
+        timings[key] = timings.get(key, 0.0) + seconds
 
 
 def _activation_dtype(model: nn.Module) -> torch.dtype:
@@ -486,6 +499,7 @@ def quantize_model(
     stats: Mapping[str, ActivationStats] | None = None,
     kernels: str = "auto",
     calibration: torch.Tensor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
@@ -493,7 +507,10 @@ def quantize_model(
     ``layers.embeddings`` if set, and every other parameter is stored in ``layers.keep_dtype``.
     ``stats`` (activation statistics of the float model) serve static activation quantization;
     ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ).
+    ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
+    ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
     """
+    timings = {} if timings is None else timings
     check_storage(layers_cfg)
     selected, kept = select_layers(model, layers_cfg, check_coverage=method["algorithm"] != "none")
     kept_matrices = [m for m in weight_matrices(model) if m.name in kept]
@@ -519,19 +536,29 @@ def quantize_model(
     records: list[LayerRecord] = []
     if not is_sequential(method):
         for name, module in selected.items():
-            records.append(_quantize_layer(model, name, module, method, kernels, act_stats=(stats or {}).get(name)))
+            records.append(
+                _quantize_layer(
+                    model, name, module, method, kernels, act_stats=(stats or {}).get(name), timings=timings
+                )
+            )
     else:
         awq_options = method.get("awq")
 
+        in_blocks = 0.0  # seconds inside quantize_block: the rest of run_blocks is its forward passes
+
         def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], _state) -> None:
+            nonlocal in_blocks
+            start = time.perf_counter()
             block = model.get_submodule(block_name)
             originals = {n: float_weight(selected[n]).float().clone() for n in inputs}
             scales = {}
             if awq_options:
                 spec = weight_spec(method)
+                awq_start = time.perf_counter()
                 scales = apply_awq(
                     block, block_name, inputs, spec, method["granularity"], method["group_size"], awq_options
                 )
+                _add(timings, {"awq_search": time.perf_counter() - awq_start})
             for name, layer_inputs in inputs.items():
                 s, folded = scales.get(name, (None, True))
                 reference = originals[name]
@@ -549,9 +576,12 @@ def quantize_model(
                         act_stats=(stats or {}).get(name),
                         input_scale=None if folded else (1 / s).to(torch.float16),
                         reference=reference,
+                        timings=timings,
                     )
                 )
+            in_blocks += time.perf_counter() - start
 
+        start = time.perf_counter()
         run_blocks(
             model,
             list(selected),
@@ -559,6 +589,7 @@ def quantize_model(
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
         )
+        _add(timings, {"block_forward": time.perf_counter() - start - in_blocks})
     if embeddings is not None:
         records += quantize_embeddings(model, embeddings, kernels, activation_dtype)
         quantized_names = {r.layer for r in records}

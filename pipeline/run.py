@@ -29,6 +29,7 @@ from pipeline import (
     profile,
     published_grid,
     quantize,
+    reference_store,
     shipping,
     tasks,
     tracking,
@@ -203,8 +204,10 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     n_params, ref_bytes = profile.parameter_footprint(model)
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
-    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos)
-    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos)
+    store = reference_store.resolve_store(eval_cfg, evaluate.vocab_size(model))
+    mlflow.log_param("eval.reference_store", store.name)
+    cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos, store)
+    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos, store)
     reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
     reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
@@ -235,7 +238,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 
     record({"rss_start_mb": profile.reset_peak_rss()})  # the live memory the eval peak starts from
     start = time.perf_counter()
-    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos)
+    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos, reference=reference)
     record(evaluate.compare(scores, reference, eval_cfg["ci"]))
     record({f"ref_{k}": v for k, v in reference_extra.items()})
     if prompts:
@@ -304,9 +307,12 @@ def quantize_stage(
         teacher = load_teacher or (lambda: load_model(container["model"], container["device"])[0])
         log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
         record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
-    records = quantize.quantize_model(model, method, container["layers"], stats, kernels=kernels, calibration=batches)
+    steps: dict[str, float] = {}
+    records = quantize.quantize_model(
+        model, method, container["layers"], stats, kernels=kernels, calibration=batches, timings=steps
+    )
     del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
-    record({"quantize_s": time.perf_counter() - start})
+    record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in steps.items()}})
     return records
 
 

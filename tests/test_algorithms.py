@@ -7,7 +7,7 @@ import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
 from pipeline import layers, quantize, train
-from pipeline.algorithms import awq, sequential
+from pipeline.algorithms import awq, lowrank, sequential
 from pipeline.quant.primitives import QuantSpec
 
 BATCHES = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -293,3 +293,29 @@ def test_awq_does_not_fold_into_a_norm_that_scales_by_one_plus_weight():
     assert not awq._fold_into_norm(norm, s) and torch.equal(norm.weight, torch.zeros(8))
     rms = torch.nn.RMSNorm(8).to(torch.bfloat16)
     assert awq._fold_into_norm(rms, s) and torch.allclose(rms.weight.float(), 1 / s, rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48)])
+def test_lowrank_factors_are_the_truncated_svd_without_a_full_svd(shape):
+    generator = torch.Generator().manual_seed(0)
+    residual = torch.randn(shape, generator=generator) * torch.logspace(0, -2, shape[1])
+    u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
+    a, b = lowrank._factors(residual, 8, torch.float32)
+    best = (u[:, :8] * s[:8]) @ vh[:8]  # the best rank-8 approximation (Eckart-Young)
+    assert torch.allclose((a @ b).double(), best, rtol=0, atol=1e-5 * float(best.abs().max()))
+    # balanced as before: A = U sqrt(S), B = sqrt(S) Vh, so both factors have the same column/row norms
+    assert torch.allclose(a.norm(dim=0), b.norm(dim=1), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method,steps",
+    [
+        ("gptq", {"block_forward", "hessian", "sweep", "pack"}),
+        ("activation_aware", {"block_forward", "awq_search", "rtn", "pack"}),
+        ("lowrank_w4", {"lowrank", "pack"}),
+    ],
+)
+def test_quantization_reports_the_seconds_of_each_step(method, steps):
+    timings = {}
+    quantize.quantize_model(tiny_llama(), method_cfg(method), layers_cfg(), calibration=BATCHES, timings=timings)
+    assert set(timings) == steps and all(seconds > 0 for seconds in timings.values())

@@ -164,3 +164,17 @@ def test_bad_hessian_raises_clear_errors():
         gptq_quantize(w, torch.eye(IN - 1), QuantSpec(4, False), (1, IN))
     with pytest.raises(ValueError, match="increase damp"):
         gptq_quantize(w, -torch.eye(IN), QuantSpec(4, False), (1, IN))
+
+
+@pytest.mark.parametrize("name,spec,block_size,act_order", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_threads_sweep_row_slices_with_bit_identical_results(name, spec, block_size, act_order):
+    x, w = _problem(2)
+    h = hessian_from_inputs(x)
+    one = gptq_quantize(w, h, spec, block_size, act_order=act_order, threads=1)
+    timings = {}
+    three = gptq_quantize(w, h, spec, block_size, act_order=act_order, threads=3, timings=timings)
+    for a, b in zip(one, three, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert timings["hessian"] > 0 and timings["sweep"] > 0
+    with pytest.raises(ValueError, match="method.gptq.threads must be a positive integer or null"):
+        gptq_quantize(w, h, spec, block_size, threads=0)

@@ -7,7 +7,15 @@ from torch.nn import functional as F
 
 from pipeline import evaluate
 
-EVAL = {"context": 16, "stride": 8, "kl_tokens": 20, "batch_size": 2, "tokens": 64}
+EVAL = {
+    "context": 16,
+    "stride": 8,
+    "kl_tokens": 20,
+    "batch_size": 2,
+    "tokens": 64,
+    "reference_store": "auto",
+    "reference_cache_max_mb": 16,
+}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import calibrate, evaluate, layers, profile, quantize
+from pipeline import calibrate, evaluate, layers, profile, quantize, reference_store
 from pipeline.quant.kernels import cpp
 from pipeline.quant.linear import QuantLinear
 
@@ -125,12 +125,12 @@ def test_windows_score_every_target_once():
 def test_scores_against_itself_and_against_a_quantized_copy(llama):
     eval_cfg = {"context": 32, "stride": 32, "kl_tokens": 40, "batch_size": 2}
     tokens = torch.randint(0, 512, (128,), generator=torch.Generator().manual_seed(0))
-    ref = evaluate.score(llama, tokens, eval_cfg)
-    assert ref.nll.numel() == 4 * 31 and ref.logprobs.shape == (40, 512)
+    ref = evaluate.score(llama, tokens, eval_cfg, store=reference_store.Store(None))
+    assert ref.nll.numel() == 4 * 31 and ref.distribution.logprobs.shape == (40, 512)
     same = evaluate.compare(ref, ref)
     assert same["kl_vs_ref"] == 0 and same["top1_agree"] == 1 and same["ppl"] == same["ppl_ref"]
     quantize.quantize_model(llama, method_cfg("group_wise", "method.bits=2", "method.group_size=32"), layers_cfg())
-    worse = evaluate.compare(evaluate.score(llama, tokens, eval_cfg), ref)
+    worse = evaluate.compare(evaluate.score(llama, tokens, eval_cfg, reference=ref), ref)
     assert worse["kl_vs_ref"] > 0 and worse["ppl"] != worse["ppl_ref"] and worse["top1_agree"] <= 1
 
 

@@ -12,7 +12,9 @@ CI = {"resamples": 1000, "seed": 0, "kl_block_tokens": 4}
 
 
 def _scores(nll: torch.Tensor, window: torch.Tensor, logprobs: torch.Tensor) -> evaluate.Scores:
-    return evaluate.Scores(nll, torch.zeros_like(window), logprobs, window)
+    """Scores whose KL targets (as many as ``logprobs`` rows) all agree with the reference: KL 0."""
+    kl = torch.zeros(logprobs.shape[0])
+    return evaluate.Scores(nll, torch.zeros_like(window), kl, window, kl_bound=kl)
 
 
 def test_unit_sums_and_resampled_means_are_token_weighted():

@@ -13,6 +13,12 @@ given ``block_size``, so GPTQ is a drop-in replacement for round-to-nearest.
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import torch
 
 from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
@@ -77,6 +83,8 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     act_order: bool = False,
+    threads: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (codes, scale, zero_point) in exactly the format `choose_qparams`/`quantize` produce for
     `block_size`, in the ORIGINAL column order, such that dequantize(codes, scale, zero, block_size) is
@@ -86,6 +94,11 @@ def gptq_quantize(
     are fixed up front from the weight. Otherwise a group's qparams are chosen from the
     error-updated weights when the sweep reaches its first column, as the reference code does.
     ``act_order`` quantizes columns in order of decreasing ``H[i, i]`` (most important first).
+
+    The sweep is independent per row of qparams (``block_size[0]`` rows): ``threads`` (default
+    ``torch.get_num_threads()`` on a CPU, 1 on a GPU) sweep disjoint row slices at once, each with one intra-op thread
+    (the sweep is thousands of small ops, which intra-op threads slow down). ``timings`` gets the
+    seconds of the Hessian inverse (``hessian``) and of the sweep (``sweep``) added.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -97,6 +110,12 @@ def gptq_quantize(
         )
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
+    if threads is None:  # a GPU sweeps all rows at once: more slices would only add kernel launches
+        threads = torch.get_num_threads() if weight.device.type == "cpu" else 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"method.gptq.threads must be a positive integer or null (all torch threads), got {threads!r}")
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
     w = weight.detach().float().clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64, copy=True)
 
@@ -112,7 +131,57 @@ def gptq_quantize(
     w, h = w[:, perm], h[perm][:, perm]
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = _inverse_cholesky(h).float()
+    del h
+    timings["hessian"] = timings.get("hessian", 0.0) + time.perf_counter() - start
 
+    start = time.perf_counter()
+    # qparams rows per slice: whole qparams rows, about the same count for every thread
+    qrows = scale.shape[0]
+    bounds = [round(qrows * t / threads) for t in range(threads + 1)]
+    slices = [(a * br, b * br, a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+    def sweep(rows: tuple[int, int, int, int]) -> torch.Tensor:
+        r0, r1, q0, q1 = rows
+        sub_zero = None if zero is None else zero[q0:q1]
+        return _sweep(w[r0:r1], hinv, perm, scale[q0:q1], sub_zero, spec, block_size, block, dynamic)
+
+    with _intra_op_threads(1):
+        if len(slices) == 1:
+            parts = [sweep(slices[0])]
+        else:
+            with ThreadPoolExecutor(len(slices)) as pool:
+                parts = list(pool.map(sweep, slices))
+    timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - start
+    return torch.cat(parts)[:, torch.argsort(perm)], scale, zero
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sweep(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    perm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+    block: int,
+    dynamic: bool,
+) -> torch.Tensor:
+    """The column sweep over rows ``w`` (permuted columns; updated in place); codes in permuted order.
+
+    ``scale``/``zero`` are these rows' qparams (views: dynamic groups are written into them).
+    """
+    br, bc = block_size
+    cols = w.shape[1]
     columns = []
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -138,6 +207,4 @@ def gptq_quantize(
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-
-    codes = torch.cat(columns, dim=1)[:, torch.argsort(perm)]
-    return codes, scale, zero
+    return torch.cat(columns, dim=1)

@@ -17,10 +17,25 @@ from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, qua
 
 
 def _factors(residual: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` truncated SVD of ``residual`` as (A, B) in ``dtype``."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(dtype), (root[:, None] * vh[:rank]).to(dtype)
+    """Rank-``rank`` truncated SVD of ``residual`` (m, n) as (A, B) in ``dtype``, A = U sqrt(S), B = sqrt(S) Vh.
+
+    Exact, without a full SVD: the top singular pairs from the eigendecomposition of the smaller
+    Gram matrix (R R^T if m <= n, else R^T R), taken in float64 so that squaring the singular values
+    costs no accuracy in the top ones. With R R^T = U S^2 U^T: B = sqrt(S) Vh = S^-1/2 U^T R; the
+    other case is the same on R^T. A 2048 x 8192 residual: one 2048^2 x 8192 product and a 2048^2
+    eigendecomposition instead of the SVD (see experiments/scale/quantize_time.md).
+    """
+    if residual.shape[0] > residual.shape[1]:
+        b, a = _factors(residual.T, rank, dtype)
+        return a.T, b.T
+    r = residual.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(r @ r.T)  # ascending
+    sigma = eigenvalues[-rank:].flip(0).clamp_min(0).sqrt()
+    u = eigenvectors[:, -rank:].flip(1)
+    root = sigma.sqrt()
+    # a zero singular value has no direction to give: its row of B is zero, as A's column is
+    b = torch.where(sigma[:, None] > 0, (u.T @ r) / root.clamp_min(1e-300)[:, None], 0.0)
+    return (u * root).to(dtype), b.to(dtype)
 
 
 @torch.no_grad()
