@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline import shapes
 from pipeline.assets import embedded_model_dir
 from pipeline.device import DTYPES, resolve_dtype
 
@@ -16,11 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: Mapping) -> str:
-    """Local folder or Hub id of the model that ``cfg`` names, checked before any work."""
+    """Local folder or Hub id of the model that ``cfg`` names, checked before any work.
+
+    A model built from a config (``model.source: config``) has no folder: its identity (shape, seed)
+    stands in, so caches and logs tell such models apart."""
     if cfg["source"] == "embedded":
         return str(embedded_model_dir())
+    if cfg["source"] == "config":
+        return shapes.identity(cfg)
     if cfg["source"] != "pretrained":
-        raise ValueError(f"model.source must be 'embedded' or 'pretrained', got {cfg['source']!r}")
+        raise ValueError(f"model.source must be 'embedded', 'pretrained' or 'config', got {cfg['source']!r}")
     path = cfg.get("path")
     if not path:
         raise ValueError("model.path is required for a pretrained model: a local folder or a Hub id")
@@ -37,11 +43,16 @@ def load_model(cfg: Mapping, device: torch.device | str = "cpu") -> tuple[PreTra
     dtype = DTYPES[resolve_dtype(cfg["dtype"], device)]
     path = resolve_model_path(cfg)
     trust = bool(cfg.get("trust_remote_code", False))
-    # use_safetensors=True: never unpickle a model file (a .bin checkpoint is refused).
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust).to(
-        device
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if cfg["source"] == "config":
+        model = shapes.build_model(cfg, dtype, device)
+        # The embedded SmolLM2 tokenizer: its ids (< 49152) are valid in any vocabulary at least that large.
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    else:
+        # use_safetensors=True: never unpickle a model file (a .bin checkpoint is refused).
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     model.eval()
     log.info("loaded %s (%s, %.1fM parameters)", path, type(model).__name__, model.num_parameters() / 1e6)
     return model, tokenizer

@@ -517,9 +517,13 @@ def quantize_model(
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
     records: list[LayerRecord] = []
+    # Each layer leaves ``selected`` as it is replaced, so its float weights are freed right then, not
+    # when the whole model is done (the model no longer holds them once its QuantLinear is in place).
     if not is_sequential(method):
-        for name, module in selected.items():
+        for name in list(selected):
+            module = selected.pop(name)
             records.append(_quantize_layer(model, name, module, method, kernels, act_stats=(stats or {}).get(name)))
+            del module
     else:
         awq_options = method.get("awq")
 
@@ -542,7 +546,7 @@ def quantize_model(
                     _quantize_layer(
                         model,
                         name,
-                        selected[name],
+                        selected.pop(name),
                         method,
                         kernels,
                         inputs=layer_inputs,
@@ -554,7 +558,7 @@ def quantize_model(
 
         run_blocks(
             model,
-            list(selected),
+            list(selected),  # names only: the modules leave ``selected`` block by block
             calibration,
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X

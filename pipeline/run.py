@@ -197,8 +197,8 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
     quantizing = method["algorithm"] != "none"
     if quantizing:
-        selected, _ = layers.select_layers(model, container["layers"])
-        layers.check_group_size(method, selected)
+        # not kept in a variable: a reference here would keep every float layer alive through the run
+        layers.check_group_size(method, layers.select_layers(model, container["layers"])[0])
         quantize.check_embeddings(model, container["layers"])
     n_params, ref_bytes = profile.parameter_footprint(model)
 
@@ -304,6 +304,7 @@ def quantize_stage(
         teacher = load_teacher or (lambda: load_model(container["model"], container["device"])[0])
         log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
         record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
+    del selected  # so that each float layer is freed as quantize_model replaces it
     records = quantize.quantize_model(model, method, container["layers"], stats, kernels=kernels, calibration=batches)
     del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     record({"quantize_s": time.perf_counter() - start})

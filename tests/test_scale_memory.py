@@ -1,0 +1,89 @@
+"""Memory that scales with one block: float weights freed as layers are quantized, models built from a
+config, peak memory per stage, a model too large for the machine refused before loading."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import layers_cfg, method_cfg, tiny_llama
+
+from pipeline import quantize, shapes
+from pipeline.load import load_model, resolve_model_path
+from pipeline.quant.linear import QuantLinear
+
+
+def _float_weight_refs(model):
+    return {name: weakref.ref(module.weight) for name, module in model.named_modules() if name.endswith("_proj")}
+
+
+@pytest.mark.parametrize("method", ["group_wise", "gptq"])
+def test_float_weights_are_freed_once_their_layer_is_quantized(method):
+    model = tiny_llama()
+    refs = _float_weight_refs(model)
+    calibration = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    alive_after_block0 = []
+
+    # observe mid-run: after block 0 is quantized its float weights are gone while block 1's are alive
+    original = quantize._quantize_layer
+
+    def spy(model, name, *args, **kwargs):
+        if name.startswith("model.layers.1.") and not alive_after_block0:
+            gc.collect()
+            alive_after_block0.extend(n for n, r in refs.items() if n.startswith("model.layers.0.") and r())
+            alive_after_block0.append("checked")
+        return original(model, name, *args, **kwargs)
+
+    quantize._quantize_layer = spy
+    try:
+        quantize.quantize_model(model, method_cfg(method), layers_cfg(), calibration=calibration)
+    finally:
+        quantize._quantize_layer = original
+    gc.collect()
+    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert alive_after_block0 == ["checked"]  # block 0's float weights freed before block 1 is quantized
+    assert [n for n, r in refs.items() if r() is not None] == []
+
+
+def test_config_source_builds_the_named_shape_in_the_target_dtype():
+    cfg = {"source": "config", "shape": "llama-3.2-1b", "config": {"num_hidden_layers": 1}, "init_seed": 3}
+    with torch.device("meta"):
+        model = shapes.build_model(cfg, torch.bfloat16, torch.device("meta"))
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (2048, 8192, 1)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (32, 8, 128256)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the real 1B
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # the full 1B shape: 1.236B parameters (tied table once), counted on the meta device
+    with torch.device("meta"):
+        full = shapes.build_model({**cfg, "config": {}}, torch.bfloat16, torch.device("meta"))
+    assert round(sum(p.numel() for p in full.parameters()) / 1e6) == 1236
+    assert "llama-3.2-1b" in resolve_model_path(cfg) and "seed=3" in resolve_model_path(cfg)
+
+
+def test_config_source_is_seeded_and_loads_with_the_embedded_tokenizer():
+    tiny = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 49152,
+    }
+    cfg = {"source": "config", "shape": None, "config": tiny, "init_seed": 0, "dtype": "bfloat16"}
+    a, tokenizer = load_model(cfg, "cpu")
+    b, _ = load_model(cfg, "cpu")
+    c, _ = load_model({**cfg, "init_seed": 1}, "cpu")
+    assert a.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert int(ids.max()) < 49152 and a(input_ids=ids).logits.shape[-1] == 49152
+    assert resolve_model_path(cfg) != resolve_model_path({**cfg, "init_seed": 1})
+
+
+def test_config_source_names_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown model.shape 'llama-9b'.*llama-3.2-1b"):
+        resolve_model_path({"source": "config", "shape": "llama-9b", "config": {}, "init_seed": 0})
+    with pytest.raises(ValueError, match="needs model.shape"):
+        resolve_model_path({"source": "config", "shape": None, "config": {}, "init_seed": 0})
