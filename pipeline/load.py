@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import shapes
 from pipeline.assets import embedded_model_dir
@@ -35,6 +35,47 @@ def resolve_model_path(cfg: Mapping) -> str:
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path {path!r} is not a folder")
     return str(Path(path).expanduser()) if looks_local else path
+
+
+def weight_bytes_estimate(cfg: Mapping, device: torch.device | str = "cpu") -> int:
+    """Bytes the weights take in the dtype they load in, from the model's config alone (built on the meta
+    device: no weights read), tied tensors once. An estimate of the least a run needs: activations,
+    caches and the quantized copy come on top."""
+    dtype = DTYPES[resolve_dtype(cfg["dtype"], torch.device(device))]
+    if cfg["source"] == "config":
+        config = shapes.build_config(cfg)
+    else:
+        trust = bool(cfg.get("trust_remote_code", False))
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg), trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a tied one once
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Memory free for a new model on ``device``: the GPU's free memory, or the CPU's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def check_fits(cfg: Mapping, device: torch.device | str) -> None:
+    """Refuse, before loading, a model whose weights alone exceed the memory free on ``device``."""
+    needed, free = weight_bytes_estimate(cfg, device), available_bytes(device)
+    if needed <= free:
+        return
+    dtype = resolve_dtype(cfg["dtype"], torch.device(device))
+    way_out = (
+        "use model.dtype=bfloat16 (half the bytes)" if dtype == "float32" else "use a smaller model or a larger machine"
+    )
+    raise ValueError(
+        f"model {cfg.get('name', '')} needs {needed / 2**30:.1f} GiB for its {dtype} weights alone (estimated from "
+        f"its config), more than the {free / 2**30:.1f} GiB free on {device}: {way_out}"
+    )
 
 
 def load_model(cfg: Mapping, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
