@@ -87,3 +87,70 @@ def test_config_source_names_what_is_wrong():
         resolve_model_path({"source": "config", "shape": "llama-9b", "config": {}, "init_seed": 0})
     with pytest.raises(ValueError, match="needs model.shape"):
         resolve_model_path({"source": "config", "shape": None, "config": {}, "init_seed": 0})
+
+
+TINY_SHAPE = (
+    "model.config={hidden_size:64,intermediate_size:128,num_hidden_layers:2,num_attention_heads:4,"
+    "num_key_value_heads:2,vocab_size:49152}"
+)
+
+
+def test_a_run_logs_peak_memory_per_stage(tmp_path):
+    from conftest import compose_cfg
+
+    from pipeline import run
+
+    cfg = compose_cfg(
+        "model=llama_3_2_1b",
+        "model.shape=null",
+        TINY_SHAPE,
+        "method=gptq",
+        "method.group_size=32",
+        "data.calibration.num_samples=2",
+        "data.calibration.seq_len=32",
+        "eval.tokens=256",
+        "eval.kl_tokens=256",
+        "eval.context=128",
+        "eval.stride=128",
+        "eval.generation.prompts=[]",
+        "profile.enabled=false",
+        "tracking.log_model=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=peaks",
+    )
+    metrics = run.run(cfg)
+    for stage in ("load", "reference", "calibrate", "quantize", "evaluate", "ship"):
+        assert metrics[f"peak_rss_mb/{stage}"] >= metrics[f"rss_start_mb/{stage}"] > 0, stage
+    assert metrics["peak_rss_mb"] == metrics["peak_rss_mb/evaluate"]  # the figure runs always logged
+    assert not any(k.startswith("peak_cuda_mb/") for k in metrics)  # on the CPU
+
+
+def test_peak_of_a_stage_sees_what_it_allocated():
+    from pipeline import peaks
+
+    recorded = {}
+    with peaks.stage("quantize", recorded.update, "cpu"):
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+        del block
+    assert recorded["peak_rss_mb/quantize"] - recorded["rss_start_mb/quantize"] >= 60
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        peaks.stage("train", recorded.update, "cpu").__enter__()
+
+
+def test_a_model_larger_than_free_memory_is_refused_before_loading(monkeypatch, tmp_path):
+    from conftest import compose_cfg
+
+    from pipeline import load, run
+
+    monkeypatch.setattr(load, "available_bytes", lambda device: 2**30)  # 1 GiB free
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    cfg = compose_cfg("model=llama_3_2_1b", "model.dtype=float32", f"tracking.uri=sqlite:///{tmp_path}/m.db")
+    with pytest.raises(
+        ValueError,
+        match=r"needs 4\.6 GiB for its float32 weights alone.*1\.0 GiB free on cpu: use model\.dtype=bfloat16",
+    ):
+        run.run(cfg)
+    cfg = compose_cfg("model=llama_3_2_1b", f"tracking.uri=sqlite:///{tmp_path}/m.db")  # bf16: 2.3 GiB
+    with pytest.raises(ValueError, match="needs 2.3 GiB for its bfloat16 weights.*use a smaller model or a larger"):
+        run.run(cfg)
+    assert not (tmp_path / "m.db").exists()  # stopped before the MLflow store was touched
