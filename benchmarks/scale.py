@@ -2,7 +2,8 @@
 
     nice python -m benchmarks.scale --shape llama_3_2_1b [--samples 16 --seq-len 512 --eval-tokens 2048] [override ...]
 
-Runs ``python -m pipeline model=<shape> method=gptq method.group_size=128`` (GPTQ W4 g128, bf16 weights)
+Runs ``python -m pipeline model=<shape> method=gptq method.group_size=128 offload.weights=disk`` (GPTQ W4
+g128, bf16 weights, the blocks waiting for calibration on disk)
 in a child process, so the run is the pipeline's own (same configs, same MLflow contract) and its
 peak RSS is its own. Then reads the run back from its MLflow store and writes ``<out>/<shape>.json``
 and a Markdown table: peak RSS per stage (``peak_rss_mb/<stage>``), its ratio to the model's bf16
@@ -52,6 +53,8 @@ def run_overrides(args: argparse.Namespace, store: Path) -> list[str]:
         f"tracking.uri=sqlite:///{store}/mlflow.db",
         "tracking.experiment=scale",
         "tracking.log_model=false",
+        f"offload.weights={args.offload}",
+        f"offload.folder={args.store}",
         f"hydra.run.dir={store}/outputs",
         *args.overrides,
     ]
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
+    parser.add_argument("--offload", default="disk", help="offload.weights: none | cpu | disk")
     parser.add_argument("--store", type=Path, default=REPO / ".cache" / "scale")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "scale")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed on to the run")

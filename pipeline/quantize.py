@@ -223,6 +223,7 @@ def _rtn(weight, spec, block, _inputs, _options) -> QuantizedWeight:
 
 def _gptq(weight, spec, block, inputs: LayerInputs, options) -> QuantizedWeight:
     hessian = inputs.hessian.hessian
+    inputs.hessian = None  # the accumulated sum (layers sharing an input release it with the last of them)
     if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
         m = inputs.input_multiplier.double()
         hessian = hessian * m[:, None] * m[None, :]
@@ -486,13 +487,15 @@ def quantize_model(
     stats: Mapping[str, ActivationStats] | None = None,
     kernels: str = "auto",
     calibration: torch.Tensor | None = None,
+    offload: Mapping | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
     Then, unless the method is ``fp`` (the model stays as loaded): the embeddings are quantized by
     ``layers.embeddings`` if set, and every other parameter is stored in ``layers.keep_dtype``.
     ``stats`` (activation statistics of the float model) serve static activation quantization;
-    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ).
+    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ), which keep
+    the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     """
     check_storage(layers_cfg)
     selected, kept = select_layers(model, layers_cfg, check_coverage=method["algorithm"] != "none")
@@ -529,7 +532,9 @@ def quantize_model(
 
         def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], _state) -> None:
             block = model.get_submodule(block_name)
-            originals = {n: float_weight(selected[n]).float().clone() for n in inputs}
+            # the float weights before AWQ rescales them, for the layer table's error (without AWQ
+            # the layer's own weight serves, and no copy is held)
+            originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if awq_options else {}
             scales = {}
             if awq_options:
                 spec = weight_spec(method)
@@ -538,7 +543,7 @@ def quantize_model(
                 )
             for name, layer_inputs in inputs.items():
                 s, folded = scales.get(name, (None, True))
-                reference = originals[name]
+                reference = originals.pop(name, None)
                 if s is not None:
                     layer_inputs.input_multiplier = 1 / s  # the scaled weight now reads x / s
                     reference = reference * s if folded else reference
@@ -562,6 +567,8 @@ def quantize_model(
             calibration,
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
+            offload=(offload or {}).get("weights", "none"),
+            folder=(offload or {}).get("folder"),
         )
     if embeddings is not None:
         records += quantize_embeddings(model, embeddings, kernels, activation_dtype)

@@ -35,6 +35,7 @@ from pipeline import (
     tracking,
     train,
 )
+from pipeline.algorithms.sequential import check_offload
 from pipeline.data import calibration_batches
 from pipeline.load import check_fits, load_model, resolve_model_path
 from pipeline.quant import kernels
@@ -74,6 +75,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     if container["kernels"] not in kernels.PREFERENCES:
         raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
     quantize.check_storage(container["layers"])
+    check_offload(container["offload"])
     shipping.check_tracking(container["tracking"])
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
@@ -329,7 +331,13 @@ def quantize_stage(
             record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
         del selected  # so that each float layer is freed as quantize_model replaces it
         records = quantize.quantize_model(
-            model, method, container["layers"], stats, kernels=kernels, calibration=batches
+            model,
+            method,
+            container["layers"],
+            stats,
+            kernels=kernels,
+            calibration=batches,
+            offload=container.get("offload"),  # absent from configs logged before it existed: none
         )
         del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     record({"quantize_s": time.perf_counter() - start})

@@ -154,3 +154,48 @@ def test_a_model_larger_than_free_memory_is_refused_before_loading(monkeypatch, 
     with pytest.raises(ValueError, match="needs 2.3 GiB for its bfloat16 weights.*use a smaller model or a larger"):
         run.run(cfg)
     assert not (tmp_path / "m.db").exists()  # stopped before the MLflow store was touched
+
+
+def _gptq_with_offload(offload, tmp_path, spy=None):
+    model = tiny_llama()
+    calibration = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    options = {"weights": offload, "folder": str(tmp_path)}
+    quantize.quantize_model(model, method_cfg("gptq"), layers_cfg(), calibration=calibration, offload=options)
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_offloaded_calibration_gives_bit_identical_weights_and_holds_one_float_block(tmp_path, monkeypatch):
+    from pipeline.algorithms import sequential
+
+    seen = []
+    original = sequential._record
+
+    def spy(block, local, state, hessian):  # during each block's turn: which blocks hold float weights
+        model_blocks = block_list[0]
+        seen.append(
+            [
+                any(p.device.type == "cpu" for p in b.parameters() if p.dtype == torch.float32 and p.dim() == 2)
+                for b in model_blocks
+            ]
+        )
+        return original(block, local, state, hessian)
+
+    block_list = []
+    real_blocks = sequential.decoder_blocks
+
+    def remember(model):
+        found = real_blocks(model)
+        block_list[:] = [found[1]]
+        return found
+
+    monkeypatch.setattr(sequential, "decoder_blocks", remember)
+    monkeypatch.setattr(sequential, "_record", spy)
+    disk = _gptq_with_offload("disk", tmp_path)
+    assert seen == [[True, False], [False, True]]  # block 0 quantized (no float matrix), block 1 still on disk
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is removed
+    for offload in ("none", "cpu"):
+        other = _gptq_with_offload(offload, tmp_path)
+        assert other.keys() == disk.keys()
+        assert all(torch.equal(other[k], disk[k]) for k in disk), offload
+    with pytest.raises(ValueError, match="offload.weights must be one of none, cpu, disk, got 'ram'"):
+        _gptq_with_offload("ram", tmp_path)
