@@ -35,7 +35,7 @@ def run_overrides(args: argparse.Namespace, store: Path) -> list[str]:
     return [
         f"model={args.shape}",
         "model.dtype=bfloat16",
-        "method=gptq",
+        f"method={args.method}",
         "method.group_size=128",
         f"data.calibration.num_samples={args.samples}",
         f"data.calibration.seq_len={args.seq_len}",
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
+    parser.add_argument("--method", default="gptq", help="a conf/method preset (group size 128 is set)")
     parser.add_argument("--offload", default="disk", help="offload.weights: none | cpu | disk")
     parser.add_argument("--store", type=Path, default=REPO / ".cache" / "scale")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "scale")
@@ -99,7 +100,7 @@ def main() -> None:
         sys.exit(f"the run failed (exit {done.returncode}); its log is under {args.store}/outputs")
     mlflow.set_tracking_uri(f"sqlite:///{args.store}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["scale"], output_format="list", max_results=1)
-    model_cfg = {"source": "config", "shape": run.data.params["model.shape"], "config": {}, "init_seed": 0}
+    model_cfg = {"source": "config", "shape": run.data.params["model.shape"], "config": None, "init_seed": 0}
     result = {
         "command": " ".join(["python -m benchmarks.scale", *sys.argv[1:]]),
         "run_command": " ".join(cmd[1:]),
@@ -115,7 +116,7 @@ def main() -> None:
         result["bf16_weight_bytes"] / 2**20
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.shape}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    (args.out / f"{args.shape}-{args.method}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     print(table(result))
     print(f"highest stage peak = {result['peak_over_bf16_weights']:.2f} x bf16 weights; wall {wall:.0f} s")
 
