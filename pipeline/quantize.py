@@ -223,6 +223,7 @@ def _rtn(weight, spec, block, _inputs, _options, _timings) -> QuantizedWeight:
 
 def _gptq(weight, spec, block, inputs: LayerInputs, options, timings: dict[str, float]) -> QuantizedWeight:
     hessian = inputs.hessian.hessian
+    inputs.hessian = None  # the accumulated sum (layers sharing an input release it with the last of them)
     if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
         m = inputs.input_multiplier.double()
         hessian = hessian * m[:, None] * m[None, :]
@@ -500,13 +501,15 @@ def quantize_model(
     kernels: str = "auto",
     calibration: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
+    offload: Mapping | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
     Then, unless the method is ``fp`` (the model stays as loaded): the embeddings are quantized by
     ``layers.embeddings`` if set, and every other parameter is stored in ``layers.keep_dtype``.
     ``stats`` (activation statistics of the float model) serve static activation quantization;
-    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ).
+    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ), which keep
+    the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
     ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
     """
@@ -534,13 +537,17 @@ def quantize_model(
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
     records: list[LayerRecord] = []
+    # Each layer leaves ``selected`` as it is replaced, so its float weights are freed right then, not
+    # when the whole model is done (the model no longer holds them once its QuantLinear is in place).
     if not is_sequential(method):
-        for name, module in selected.items():
+        for name in list(selected):
+            module = selected.pop(name)
             records.append(
                 _quantize_layer(
                     model, name, module, method, kernels, act_stats=(stats or {}).get(name), timings=timings
                 )
             )
+            del module
     else:
         awq_options = method.get("awq")
 
@@ -550,7 +557,9 @@ def quantize_model(
             nonlocal in_blocks
             start = time.perf_counter()
             block = model.get_submodule(block_name)
-            originals = {n: float_weight(selected[n]).float().clone() for n in inputs}
+            # the float weights before AWQ rescales them, for the layer table's error (without AWQ
+            # the layer's own weight serves, and no copy is held)
+            originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if awq_options else {}
             scales = {}
             if awq_options:
                 spec = weight_spec(method)
@@ -561,7 +570,7 @@ def quantize_model(
                 _add(timings, {"awq_search": time.perf_counter() - awq_start})
             for name, layer_inputs in inputs.items():
                 s, folded = scales.get(name, (None, True))
-                reference = originals[name]
+                reference = originals.pop(name, None)
                 if s is not None:
                     layer_inputs.input_multiplier = 1 / s  # the scaled weight now reads x / s
                     reference = reference * s if folded else reference
@@ -569,7 +578,7 @@ def quantize_model(
                     _quantize_layer(
                         model,
                         name,
-                        selected[name],
+                        selected.pop(name),
                         method,
                         kernels,
                         inputs=layer_inputs,
@@ -584,10 +593,12 @@ def quantize_model(
         start = time.perf_counter()
         run_blocks(
             model,
-            list(selected),
+            list(selected),  # names only: the modules leave ``selected`` block by block
             calibration,
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
+            offload=(offload or {}).get("weights", "none"),
+            folder=(offload or {}).get("folder"),
         )
         _add(timings, {"block_forward": time.perf_counter() - start - in_blocks})
     if embeddings is not None:

@@ -26,6 +26,7 @@ from pipeline import (
     generation,
     kept,
     layers,
+    peaks,
     profile,
     published_grid,
     quantize,
@@ -35,8 +36,9 @@ from pipeline import (
     tracking,
     train,
 )
+from pipeline.algorithms.sequential import check_offload
 from pipeline.data import calibration_batches
-from pipeline.load import load_model, resolve_model_path
+from pipeline.load import check_fits, load_model, resolve_model_path
 from pipeline.quant import kernels
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     if container["kernels"] not in kernels.PREFERENCES:
         raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
     quantize.check_storage(container["layers"])
+    check_offload(container["offload"])
     shipping.check_tracking(container["tracking"])
     evaluate.check_protocol(container["eval"], None)
     task_cfg = container["eval"]["tasks"]
@@ -85,6 +88,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     if container["profile"]["enabled"]:
         energy.check_config(container["profile"]["energy"])  # a forced counter this machine lacks: fail now
     model_path = resolve_model_path(container["model"])
+    check_fits(container["model"], container["device"])
     on_grid = published_grid.config_on_published_grid(container, model_path)
     if on_grid:
         log.warning(
@@ -192,14 +196,18 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
         metrics.update(new)
         mlflow.log_metrics(dict(new))
 
-    model, tokenizer = load_model(container["model"], container["device"])
+    device = container["device"]
+    start = time.perf_counter()
+    with peaks.stage("load", record, device):
+        model, tokenizer = load_model(container["model"], device)
+    record({"load_s": time.perf_counter() - start})
     bos = evaluate.resolve_bos(tokenizer, eval_cfg["bos"])
     evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None), bos)
     mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
     quantizing = method["algorithm"] != "none"
     if quantizing:
-        selected, _ = layers.select_layers(model, container["layers"])
-        layers.check_group_size(method, selected)
+        # not kept in a variable: a reference here would keep every float layer alive through the run
+        layers.check_group_size(method, layers.select_layers(model, container["layers"])[0])
         quantize.check_embeddings(model, container["layers"])
     n_params, ref_bytes = profile.parameter_footprint(model)
 
@@ -207,10 +215,13 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     store = reference_store.resolve_store(eval_cfg, evaluate.vocab_size(model))
     mlflow.log_param("eval.reference_store", store.name)
     cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos, store)
-    reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos, store)
-    reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
-    reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
+    start = time.perf_counter()
+    with peaks.stage("reference", record, device):  # computed, or read from the cache
+        reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos, store)
+        reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
+        reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
+    record({"reference_s": time.perf_counter() - start})
 
     tracking.log_dataset(tokens, "evaluation", container["data"])
     records = quantize_stage(
@@ -236,37 +247,47 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if probe is not None:
         probe(model, tokens, reference)
 
-    record({"rss_start_mb": profile.reset_peak_rss()})  # the live memory the eval peak starts from
-    start = time.perf_counter()
-    scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos, reference=reference)
-    record(evaluate.compare(scores, reference, eval_cfg["ci"]))
-    record({f"ref_{k}": v for k, v in reference_extra.items()})
-    if prompts:
-        generated = generation.generate(model, tokenizer, prompts, new_tokens) if quantizing else reference_generations
-        mlflow.log_dict(generation.samples(tokenizer, prompts, generated, reference_generations), "generations.json")
-        record(generation.agreement(generated, reference_generations))
-    docs = reference_docs
-    if quantizing:
-        docs = {}
-        _extras(model, tokenizer, tokens, eval_cfg, cfg.seed, record, bos, docs)
-    else:
-        record(reference_extra)
-    if "acc_avg" in metrics:
-        ci = eval_cfg["ci"]
-        record({"acc_drop_pct": tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])})
-        record(tasks.acc_drop_interval(docs, reference_docs, int(ci["resamples"]), int(ci["seed"])))
-        mlflow.log_param("eval.tasks.ci_method", tasks.ci_method(int(ci["resamples"]), int(ci["seed"])))
-    record({"eval_s": time.perf_counter() - start, "peak_rss_mb": profile.peak_rss_mb()})
+    with peaks.stage("evaluate", record, device):
+        start = time.perf_counter()
+        scores = reference if not quantizing else evaluate.score(model, tokens, eval_cfg, bos, reference=reference)
+        record(evaluate.compare(scores, reference, eval_cfg["ci"]))
+        record({f"ref_{k}": v for k, v in reference_extra.items()})
+        if prompts:
+            generated = (
+                generation.generate(model, tokenizer, prompts, new_tokens) if quantizing else reference_generations
+            )
+            mlflow.log_dict(
+                generation.samples(tokenizer, prompts, generated, reference_generations), "generations.json"
+            )
+            record(generation.agreement(generated, reference_generations))
+        docs = reference_docs
+        if quantizing:
+            docs = {}
+            _extras(model, tokenizer, tokens, eval_cfg, cfg.seed, record, bos, docs)
+        else:
+            record(reference_extra)
+        if "acc_avg" in metrics:
+            ci = eval_cfg["ci"]
+            record({"acc_drop_pct": tasks.acc_drop_pct(metrics["acc_avg"], reference_extra["acc_avg"])})
+            record(tasks.acc_drop_interval(docs, reference_docs, int(ci["resamples"]), int(ci["seed"])))
+            mlflow.log_param("eval.tasks.ci_method", tasks.ci_method(int(ci["resamples"]), int(ci["seed"])))
+    record({"eval_s": time.perf_counter() - start})
+    # the evaluate stage's figures also under the names runs have always logged
+    record({"rss_start_mb": metrics["rss_start_mb/evaluate"], "peak_rss_mb": metrics["peak_rss_mb/evaluate"]})
     if cfg.profile.enabled:
         start = time.perf_counter()
-        reference_model = load_model(container["model"], container["device"])[0] if quantizing else model
-        speed, energy_source = profile.profile_metrics(model, reference_model, tokens, container["profile"])
+        with peaks.stage("profile", record, device):
+            reference_model = load_model(container["model"], device)[0] if quantizing else model
+            speed, energy_source = profile.profile_metrics(model, reference_model, tokens, container["profile"])
+            del reference_model
         mlflow.set_tag("energy_source", energy_source)
         record(speed)
         mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"]))
         record({"profile_s": time.perf_counter() - start})
     if quantizing:
-        record(shipping.ship(model, container, model_path, mlflow.active_run().info.run_id, metrics))
+        with peaks.stage("ship", record, device):
+            shipped = shipping.ship(model, container, model_path, mlflow.active_run().info.run_id, metrics)
+        record(shipped)
     return metrics
 
 
@@ -295,23 +316,35 @@ def quantize_stage(
     torch.manual_seed(seed)
     selected, _ = layers.select_layers(model, container["layers"], check_coverage=method["algorithm"] != "none")
     stats = batches = None
+    device = next(model.parameters()).device  # where it was loaded; a rebuild's config may predate `device`
     if quantize.needs_calibration(method):  # False for the fp reference
         start = time.perf_counter()
-        batches = make_batches()
-        act = method.get("activations")
-        if act and act["mode"] == "static":
-            stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
+        with peaks.stage("calibrate", record, device):
+            batches = make_batches()
+            act = method.get("activations")
+            if act and act["mode"] == "static":
+                stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
         record({"calibrate_s": time.perf_counter() - start})
     start = time.perf_counter()
-    if method.get("train"):
-        teacher = load_teacher or (lambda: load_model(container["model"], container["device"])[0])
-        log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
-        record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
-    steps: dict[str, float] = {}
-    records = quantize.quantize_model(
-        model, method, container["layers"], stats, kernels=kernels, calibration=batches, timings=steps
-    )
-    del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
+    # GPTQ and AWQ calibrate block by block inside quantize_model: their forward passes count here.
+    with peaks.stage("quantize", record, device):
+        if method.get("train"):
+            teacher = load_teacher or (lambda: load_model(container["model"], device)[0])
+            log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
+            record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
+        del selected  # so that each float layer is freed as quantize_model replaces it
+        steps: dict[str, float] = {}
+        records = quantize.quantize_model(
+            model,
+            method,
+            container["layers"],
+            stats,
+            kernels=kernels,
+            calibration=batches,
+            offload=container.get("offload"),  # absent from configs logged before it existed: none
+            timings=steps,
+        )
+        del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in steps.items()}})
     return records
 

@@ -4,15 +4,24 @@ The calibration batches are run up to the first decoder block; then, for each bl
 block's inputs are fed through it while hooks record what every selected linear layer sees, the
 caller quantizes that block, and the *quantized* block's outputs become the next block's inputs.
 Later blocks thus calibrate against the errors of earlier ones, as in the GPTQ and AWQ papers.
+
+Only one block boundary's activations are held at a time. With ``offload`` (``offload.weights``) the
+blocks not being calibrated wait off the compute device, like llm-compressor's sequential onloading:
+``cpu`` keeps them in CPU RAM and moves each block to the compute device for its turn; ``disk``
+writes each float block to a safetensors file and frees it, reading it back for its turn. A block
+stays where it is once quantized (quantized, it is the model being built).
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.algorithms.gptq import HessianAccumulator
@@ -85,6 +94,44 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tenso
     return captured
 
 
+OFFLOADS = ("none", "cpu", "disk")
+
+
+def check_offload(cfg: Mapping) -> str:
+    """``offload.weights``, checked before any work."""
+    weights = cfg["weights"]
+    if weights not in OFFLOADS:
+        raise ValueError(f"offload.weights must be one of {', '.join(OFFLOADS)}, got {weights!r}")
+    return weights
+
+
+class _Onloader:
+    """Where the blocks wait (``offload``) and how one is brought to ``device`` for its turn."""
+
+    def __init__(self, blocks: nn.ModuleList, offload: str, device: torch.device, folder: Path | None) -> None:
+        self.offload, self.device, self.folder = offload, device, folder
+        for index, block in enumerate(blocks):
+            if offload == "cpu":
+                block.to("cpu")
+            elif offload == "disk":
+                if any(name not in block.state_dict() for name, _ in block.named_buffers()):
+                    raise ValueError(
+                        f"{type(block).__name__} has non-persistent buffers: offload.weights=disk cannot restore them"
+                    )
+                save_file({k: v.contiguous() for k, v in block.state_dict().items()}, self._file(index))
+                block.to("meta")  # frees the float weights; their values are in the file
+
+    def _file(self, index: int) -> str:
+        return str(self.folder / f"block_{index}.safetensors")
+
+    def onload(self, index: int, block: nn.Module) -> None:
+        if self.offload == "disk":
+            block.to_empty(device=self.device)
+            block.load_state_dict(load_file(self._file(index), device=str(self.device)))
+        elif self.offload == "cpu":
+            block.to(self.device)
+
+
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -99,11 +146,17 @@ def run_blocks(
     *,
     hessian: bool,
     batch_size: int = 8,
+    offload: str = "none",
+    device: torch.device | str | None = None,
+    folder: str | Path | None = None,
 ) -> None:
     """Calibrate and quantize ``model`` block by block.
 
     ``quantize_block(block_name, inputs_by_layer, block_inputs)`` must replace that block's
     layers (it may also rescale them); it gets the recorded inputs of each selected layer.
+    ``offload`` (none | cpu | disk): where the blocks wait for their turn on ``device`` (the compute
+    device; default: where the model's first parameter is); ``folder``: where disk offload writes
+    (default: a temporary folder, removed afterwards).
     """
     prefix, blocks = decoder_blocks(model)
     outside = [n for n in layer_names if not n.startswith(prefix + ".")]
@@ -112,14 +165,20 @@ def run_blocks(
             f"calibration-based quantization covers decoder-block layers only; {outside[0]} is outside "
             f"{prefix} (exclude it or use a data-free algorithm)"
         )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_offload({"weights": offload})
     state = _first_block_inputs(model, blocks[0], batches, batch_size)
-    for index, block in enumerate(progress(blocks, "quantize: decoder blocks", "block")):
-        block_name = f"{prefix}.{index}"
-        local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
-        if local:
-            inputs = _record(block, local, state, hessian)
-            quantize_block(block_name, inputs, state)
-        state = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
+    with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as scratch:
+        onloader = _Onloader(blocks, offload, device, Path(scratch))
+        for index, block in enumerate(progress(blocks, "quantize: decoder blocks", "block")):
+            onloader.onload(index, block)
+            block_name = f"{prefix}.{index}"
+            local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
+            if local:
+                inputs = _record(block, local, state, hessian)
+                quantize_block(block_name, inputs, state)
+                del inputs
+            state = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
 def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bool) -> dict[str, LayerInputs]:
@@ -130,7 +189,8 @@ def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bo
     """
     inputs = {full: LayerInputs() for full in local.values()}
     produced_by: dict[int, tuple[str, torch.Tensor]] = {}
-    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch; holds x so its id stays unique
+    # per batch: the accumulator of each input tensor (x held so its id stays unique)
+    products: dict[int, tuple[HessianAccumulator, torch.Tensor]] = {}
     handles = [
         module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
         for name, module in block.named_modules()
@@ -146,10 +206,13 @@ def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bo
         abs_sum = rows.abs().sum(0)
         rec.abs_sum = abs_sum if rec.abs_sum is None else rec.abs_sum + abs_sum
         if hessian:
-            if id(x) not in products:  # q/k/v (and gate/up) read one tensor: one product for all
-                products[id(x)] = ((rows.T @ rows).double(), x)
-            rec.hessian = rec.hessian or HessianAccumulator()
-            rec.hessian.add_product(products[id(x)][0], rows.shape[0])
+            # q/k/v (and gate/up) read one tensor: one product per batch and one accumulator for all
+            # of them (the same sums, held once: at 8192 inputs one is 512 MiB of float64)
+            if id(x) not in products:
+                accumulator = rec.hessian or HessianAccumulator()
+                accumulator.add_product((rows.T @ rows).double(), rows.shape[0])
+                products[id(x)] = (accumulator, x)
+            rec.hessian = products[id(x)][0]
 
     modules = dict(block.named_modules())
     handles += [
