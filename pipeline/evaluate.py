@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from pipeline import stats
 from pipeline.assets import cache_dir
 from pipeline.data import load_corpus, split_half, token_stream
+from pipeline.device import module_device
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
@@ -163,19 +164,21 @@ def score(model, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | No
     offset = 0 if bos_token_id is None else 1
     nll, argmax, kept = [], [], []
     n_kept = 0
+    device = module_device(model)
     for i in progress(range(0, len(spans), batch_size), f"evaluate: batches of {batch_size} windows", "batch"):
         batch = spans[i : i + batch_size]
-        ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id)
+        ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id).to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         for row, (_, _, first) in enumerate(batch):
             # position t predicts token t+1: scored targets first..T-1 of the window sit at
             # first+offset.. in ids and use the logits one position earlier
             logprobs = F.log_softmax(logits[row, first - 1 + offset : -1], dim=-1)
             targets = ids[row, first + offset :]
-            nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1))
-            argmax.append(logprobs.argmax(-1))
+            # Scores live on the CPU (the reference cache, the bootstrap): one copy per window.
+            nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu())
+            argmax.append(logprobs.argmax(-1).cpu())
             if n_kept < kl_tokens:
-                kept.append(logprobs[: kl_tokens - n_kept].clone())
+                kept.append(logprobs[: kl_tokens - n_kept].to("cpu", copy=True))
                 n_kept += kept[-1].shape[0]
     return Scores(torch.cat(nll), torch.cat(argmax), torch.cat(kept), window_index(spans), bos_token_id)
 
@@ -197,7 +200,7 @@ def perplexity_by_context(
         batch_size = max(1, tokens_per_batch // length)
         batch_starts = range(0, windows_.shape[0], batch_size)
         for i in progress(batch_starts, f"perplexity at context {length}: batches of {batch_size} windows", "batch"):
-            ids = _with_bos(windows_[i : i + batch_size], bos_token_id)
+            ids = _with_bos(windows_[i : i + batch_size], bos_token_id).to(module_device(model))
             logits = model(input_ids=ids, use_cache=False).logits.float()
             nll.append(
                 F.cross_entropy(logits[:, offset:-1].flatten(0, 1), ids[:, offset + 1 :].flatten(), reduction="none")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from pipeline.device import module_device
 from pipeline.energy import Meter, Usage
 
 NGRAM = 3
@@ -44,6 +45,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, meter: Meter
     With a ``meter``, each timed window (prefill, decode) is also metered; its readings sit just outside
     the timed interval, so the times mean what they mean without one.
     """
+    prompt = prompt.to(module_device(model))
     cache = DynamicCache(config=model.config)
     metered = meter.start() if meter else None
     start = time.perf_counter()
