@@ -125,9 +125,8 @@ def fit(
         bar = progress(range(steps), "QAT: training steps", "step")
         for step in bar:
             start = time.perf_counter()
-            ids = batches[torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")].to(
-                device
-            )
+            picked = torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")
+            ids = batches[picked].to(device)
             loss = loss_on(model, ids, options["loss"], teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -72,7 +72,8 @@ def test_tune_takes_hydra_overrides_only(capsys):
     [
         (
             ("device=cuda",),
-            r"error: device=cuda but (this torch \(.*\) has no CUDA|no GPU is visible): use device=cpu \(or device=auto\)",
+            r"error: device=cuda but (this torch \(.*\) has no CUDA|no GPU is visible): "
+            r"use device=cpu \(or device=auto\)",
         ),
         (("device=tpu",), "error: device must be one of auto, cpu, cuda, cuda:N, got 'tpu'"),
         (
