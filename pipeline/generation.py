@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from pipeline.device import module_device
 from pipeline.energy import Meter, Usage
+from pipeline.memory_peak import synchronize
 
 NGRAM = 3
 DEGENERATE = 0.5
@@ -43,13 +44,17 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, meter: Meter
     """Greedy decoding of ``new_tokens`` tokens after each row of ``prompt`` (batch, length), with a KV cache.
 
     With a ``meter``, each timed window (prefill, decode) is also metered; its readings sit just outside
-    the timed interval, so the times mean what they mean without one.
+    the timed interval, so the times mean what they mean without one. On a GPU each window starts and
+    ends with a synchronize: it times the GPU's work, not how fast Python queued it.
     """
-    prompt = prompt.to(module_device(model))
+    device = module_device(model)
+    prompt = prompt.to(device)
     cache = DynamicCache(config=model.config)
+    synchronize(device)
     metered = meter.start() if meter else None
     start = time.perf_counter()
     out = model(input_ids=prompt, cache=cache, use_cache=True)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     prefill_usage = meter.stop(metered) if meter else None
     next_ids = out.logits[:, -1:].argmax(-1)
@@ -60,6 +65,7 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, meter: Meter
         out = model(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1:].argmax(-1)
         generated.append(next_ids)
+    synchronize(device)
     decode_s = time.perf_counter() - start
     decode_usage = meter.stop(metered) if meter else None
     rows = torch.cat(generated, dim=1).tolist()

@@ -25,6 +25,7 @@ import ctypes
 import gc
 import logging
 import statistics
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import nn
 
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
+from pipeline.device import module_device
 from pipeline.generation import Generation, greedy
 from pipeline.layers import embedding_modules, storage_ptr
 from pipeline.progress import progress
@@ -247,6 +249,8 @@ def speed_metrics(
             if tokens.numel() < batch * prompt_len:
                 raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
             prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
+            if module_device(model).type == "cuda":  # an idle GPU clocks down: time it once it is up
+                metrics[f"settle_runs{_suffix(batch)}"] = float(settle(reference, prompt, decode_tokens, cfg["settle"]))
             runs: dict[str, list[Generation]] = {"ref_a": [], "quant": [], "ref_b": []}
             label = f"profile batch {batch}: repeats (ref, model, ref)"
             for i in progress(range(warmup + repeats), label, "repeat"):
@@ -278,6 +282,32 @@ def speed_metrics(
             if meter is not None:
                 metrics |= usage_metrics(runs, batch * decode_tokens, batch * prompt_len, suffix, meter)
     return metrics
+
+
+def settle(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, settle_cfg: Mapping) -> int:
+    """Decode until two successive runs agree within ``tolerance_pct`` (at least ``min_s`` seconds of
+    warm-up, at most ``max_s``): a GPU that was idle clocks up over a second or more (an idle H200 reads
+    345 MHz, and a short warm-up read bf16 at 16 tok/s instead of 48). Returns the runs it took; logs
+    whether it settled."""
+    tolerance, min_s, max_s = (float(settle_cfg[k]) for k in ("tolerance_pct", "min_s", "max_s"))
+    start, runs, last = time.perf_counter(), 0, None
+    while True:
+        now = greedy(model, prompt, decode_tokens + 1)[0].decode_s
+        runs += 1
+        elapsed = time.perf_counter() - start
+        agreed = last is not None and abs(now / last - 1) * 100 <= tolerance
+        if (agreed and elapsed >= min_s) or elapsed >= max_s:
+            how = "settled" if agreed else f"did NOT settle within {max_s:.0f} s"
+            log.info(
+                "profile warm-up %s after %d runs (%.1f s; last two decodes %.4f s, %.4f s)",
+                how,
+                runs,
+                elapsed,
+                last or now,
+                now,
+            )
+            return runs
+        last = now
 
 
 def usage_metrics(
