@@ -77,8 +77,8 @@ def main(args: list[str]) -> None:
         compiled = {}
         for name, m in (("ref compiled", reference), ("model compiled", model)):
             compiled[name] = CompiledDecoder(m, 1, prompt.shape[1] + new_tokens, mode)
-            first = compiled[name](prompt, new_tokens)  # compiles
-            runners[name] = lambda p, d=compiled[name]: d(p, new_tokens)
+            first = compiled[name](prompt, new_tokens)[0]  # compiles
+            runners[name] = lambda p, d=compiled[name]: d(p, new_tokens)[0]
             eager = runners[name.replace("compiled", "eager")](prompt)
             if first.tokens != eager.tokens:
                 raise AssertionError(f"{name}: compiled decode {first.tokens} != eager {eager.tokens}")

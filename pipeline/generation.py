@@ -82,14 +82,17 @@ class CompiledDecoder:
     prefill runs eager; only decode steps are compiled. The first call compiles (``compile_s``).
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, mode: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, max_len: int, mode: str | None = None, backend: str = "inductor"
+    ) -> None:
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.step = torch.compile(model, mode=mode, dynamic=False)
+        self.step = torch.compile(model, mode=mode, backend=backend, dynamic=False)
         self.compile_s: float | None = None
 
     @torch.no_grad()
-    def __call__(self, prompt: torch.Tensor, new_tokens: int, meter: Meter | None = None) -> Generation:
+    def __call__(self, prompt: torch.Tensor, new_tokens: int, meter: Meter | None = None) -> list[Generation]:
+        """As ``greedy``: one ``Generation`` per prompt row."""
         if prompt.shape[0] != self.batch or prompt.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"this decoder takes batch {self.batch} and {self.max_len} tokens in all")
         device = module_device(self.model)
@@ -121,7 +124,7 @@ class CompiledDecoder:
         decode_s = time.perf_counter() - start
         decode_usage = meter.stop(metered) if meter else None
         rows = torch.cat(generated, dim=1).tolist()
-        return Generation(rows[0], prefill_s, decode_s, prefill_usage, decode_usage)
+        return [Generation(row, prefill_s, decode_s, prefill_usage, decode_usage) for row in rows]
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:

@@ -36,7 +36,7 @@ from torch import nn
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
 from pipeline.device import module_device
-from pipeline.generation import Generation, greedy
+from pipeline.generation import CompiledDecoder, Generation, greedy
 from pipeline.layers import embedding_modules, storage_ptr
 from pipeline.progress import progress
 from pipeline.quant.embedding import QuantEmbedding
@@ -281,7 +281,51 @@ def speed_metrics(
                 )
             if meter is not None:
                 metrics |= usage_metrics(runs, batch * decode_tokens, batch * prompt_len, suffix, meter)
+            if cfg.get("compiled"):
+                metrics |= compiled_metrics(model, reference, prompt, decode_tokens, warmup, repeats, suffix)
     return metrics
+
+
+def compiled_metrics(
+    model: nn.Module,
+    reference: nn.Module,
+    prompt: torch.Tensor,
+    decode_tokens: int,
+    warmup: int,
+    repeats: int,
+    suffix: str,
+) -> dict[str, float]:
+    """Decode again with a static KV cache and a compiled step (``CompiledDecoder``; on a GPU with CUDA
+    graphs, ``mode="reduce-overhead"``), interleaved A, Q, B as the eager timing: ``decode_tok_s_compiled``
+    and ``_ref_compiled``, ``speedup_vs_ref_compiled`` with its interval, noise and win, and the time the
+    first call spent compiling, ``compile_s`` and ``compile_s_ref`` (each with the batch suffix)."""
+    mode = "reduce-overhead" if module_device(model).type == "cuda" else None
+    length, new_tokens = prompt.shape[1] + decode_tokens + 1, decode_tokens + 1
+    decoders = {"quant": CompiledDecoder(model, prompt.shape[0], length, mode)}
+    decoders["ref"] = CompiledDecoder(reference, prompt.shape[0], length, mode)
+    for decoder in decoders.values():
+        decoder(prompt, new_tokens)  # compiles
+    times: dict[str, list[float]] = {"ref_a": [], "quant": [], "ref_b": []}
+    for i in progress(range(warmup + repeats), f"profile batch {prompt.shape[0]}, compiled: repeats", "repeat"):
+        for key in times:
+            decode_s = decoders["ref" if key != "quant" else "quant"](prompt, new_tokens)[0].decode_s
+            if i >= warmup:
+                times[key].append(decode_s)
+    ref = [(a + b) / 2 for a, b in zip(times["ref_a"], times["ref_b"], strict=True)]
+    count = prompt.shape[0] * decode_tokens
+    return {
+        f"decode_tok_s_compiled{suffix}": count / statistics.median(times["quant"]),
+        f"decode_tok_s_ref_compiled{suffix}": count / statistics.median(ref),
+        f"compile_s{suffix}": decoders["quant"].compile_s,
+        f"compile_s_ref{suffix}": decoders["ref"].compile_s,
+        **_ratio_metrics(
+            f"speedup_vs_ref_compiled{suffix}",
+            f"speed_noise_pct_compiled{suffix}",
+            f"speedup_is_win_compiled{suffix}",
+            paired=[r / q for r, q in zip(ref, times["quant"], strict=True)],
+            self_ratios=[a / b for a, b in zip(times["ref_a"], times["ref_b"], strict=True)],
+        ),
+    }
 
 
 def settle(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, settle_cfg: Mapping) -> int:

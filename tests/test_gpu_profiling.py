@@ -3,9 +3,11 @@ GPU provenance. Their logic runs on the CPU here; the CUDA reads where a GPU exi
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import layers_cfg, method_cfg, tiny_llama
+from torch._dynamo.utils import counters
 
-from pipeline import memory_peak, profile, tracking
+from pipeline import generation, memory_peak, profile, quantize, tracking
+from pipeline.quant.kernels import cpp
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,3 +36,23 @@ def test_peak_memory_counts_a_tensor_made_on_cuda_and_provenance_names_the_gpu()
     del block
     info = tracking.provenance()
     assert info["host.gpu"] == torch.cuda.get_device_name(0) and info["host.cuda"] == torch.version.cuda
+
+
+def test_the_compiled_decode_traces_our_kernels_without_a_graph_break_and_decodes_as_eager():
+    """aot_eager: dynamo and AOT autograd trace the step (our C++ ops through their fakes) without
+    inductor's code generation, which takes about a minute here; the numbers come from the real thing."""
+    model = tiny_llama()
+    quantize.quantize_model(model, method_cfg("group_wise"), layers_cfg())
+    kernels_used = {m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), str)}
+    if cpp.build("lowbit_cpu").ok and cpp.build("half_linear").ok:  # our C++ ops are in the traced step
+        assert {"lowbit_cpu", "half_linear"} <= kernels_used
+    prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    counters.clear()
+    decoder = generation.CompiledDecoder(model, 2, 14, backend="aot_eager")
+    compiled = decoder(prompt, 6)
+    eager = generation.greedy(model, prompt, 6)
+    assert [g.tokens for g in compiled] == [g.tokens for g in eager]
+    assert decoder.compile_s > 0 and decoder(prompt, 6)[0].tokens == eager[0].tokens
+    assert not counters["graph_break"], (kernels_used, dict(counters["graph_break"]))
+    with pytest.raises(ValueError, match="this decoder takes batch 2 and 14 tokens in all"):
+        decoder(prompt, 7)
