@@ -190,7 +190,9 @@ def profile_metrics(
     and energy over the same windows, the bandwidth floor of decode and the cost per token."""
     meter = energy.meter_for(model, cfg["energy"])
     with torch_threads(int(cfg["threads"])):  # the floor's bandwidth with the decode's thread count
-        gb_s = bandwidth.read_bandwidth_gb_s(int(cfg["bandwidth"]["buffer_mb"]), int(cfg["bandwidth"]["repeats"]))
+        gb_s = bandwidth.read_bandwidth_gb_s(
+            int(cfg["bandwidth"]["buffer_mb"]), int(cfg["bandwidth"]["repeats"]), module_device(model)
+        )
     metrics = speed_metrics(model, reference, tokens, cfg, meter)
     batches = list(cfg["batch_sizes"])
     metrics |= floor_metrics(
