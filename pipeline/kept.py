@@ -80,7 +80,7 @@ LOW_PRECISION_MATMUL_ROWS = 16
 def half_linear_kernel(weight: torch.Tensor, activation_dtype: torch.dtype) -> str:
     """What a kept linear layer with this weight computes decode rows with (the layer table's kernel)."""
     built = cpp.build("half_linear")
-    if built.ok and weight.dtype in HALF_DTYPES and activation_dtype == torch.float32:
+    if built.ok and weight.device.type == "cpu" and weight.dtype in HALF_DTYPES and activation_dtype == torch.float32:
         return "half_linear"
     return f"{str(weight.dtype).removeprefix('torch.')} F.linear"
 

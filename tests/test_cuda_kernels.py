@@ -133,3 +133,22 @@ def test_a_layer_moved_to_cuda_selects_a_cuda_kernel_and_back():
     layer = _layer()
     assert layer.to("cuda").kernel == "cuda_int4_tinygemm"
     assert layer.to("cpu").kernel != "cuda_int4_tinygemm"
+
+
+@needs_cuda
+def test_a_checkpoint_reloads_onto_cuda_with_cuda_kernels(tmp_path):
+    from conftest import layers_cfg, method_cfg, tiny_llama
+
+    from pipeline import checkpoint, quantize
+
+    model = tiny_llama()
+    quantize.quantize_model(model, method_cfg("group_wise", "method.symmetric=true"), layers_cfg())
+    info = {"base_model": {"name": "tiny", "source": "test", "path": "", "dtype": "float32"}, "run_id": None}
+    checkpoint.save_checkpoint(model, tmp_path / "ckpt", info)
+    loaded = checkpoint.load_checkpoint(tmp_path / "ckpt", "cuda").model
+    assert all(t.device.type == "cuda" for t in loaded.state_dict().values())
+    assert all(m.kernel in ("dequant", "cuda_int4_tinygemm") for m in loaded.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on_cuda = loaded(input_ids=ids.cuda()).logits.cpu()
+        torch.testing.assert_close(on_cuda, model(input_ids=ids).logits, rtol=2e-2, atol=2e-2)

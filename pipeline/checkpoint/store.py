@@ -173,11 +173,11 @@ def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> Loaded:
             f"{folder} does not fit the model its config builds: missing {sorted(missing)[:5]}, "
             f"unused {sorted(unexpected)[:5]}"
         )
-    if manifest.get("kept"):  # kept 16-bit layers compute as in the run (pipeline.kept)
+    model.to(device)  # quantized layers select their kernels again there
+    if manifest.get("kept"):  # kept 16-bit layers compute as in the run (pipeline.kept), on this device
         from pipeline import kept
 
         kept.store_kept(model, DTYPES[manifest["kept"]["dtype"]], DTYPES[manifest["kept"]["activation_dtype"]])
-    model.to(device)  # quantized layers select their kernels again there
     changes = []
     for name, entry in manifest["modules"].items():
         now = getattr(model.get_submodule(name), "kernel", None)

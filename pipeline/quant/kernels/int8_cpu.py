@@ -51,7 +51,7 @@ class Int8Cpu:
         spec = act.spec
         static = act.mode == "static"
         return {
-            "op": cpp.op("int8_cpu", "linear"),  # looked up once; torch.compile traces it through its fake
+            "op": cpp.ops("int8_cpu").linear.default,  # looked up once; torch.compile traces it through its fake
             "weight": layer.codes().to(torch.int8).contiguous(),  # (out, in): each output row is one stream
             "row_scale": layer.scale_per_row_group(layer.in_features).reshape(-1).contiguous(),
             # The constants of choose_qparams / quantize, as quantize_activation uses them.

@@ -43,7 +43,7 @@ class LowbitCpu:
         group = layer.block_size[1]
         return {
             # looked up here, once: the op itself is what torch.compile traces (through its fake)
-            "op": cpp.op("lowbit_cpu", "linear"),
+            "op": cpp.ops("lowbit_cpu").linear.default,  # raises where the kernel is not built
             "packed": layer.packed,  # the stored tensor itself: the kernel decodes it in place
             "scale": layer.scale_per_row_group(group),
             "zero": layer.unsigned_zero_per_row_group(group),
