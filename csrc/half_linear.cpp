@@ -97,6 +97,10 @@ std::string isa() {
 }  // namespace
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def("linear(Tensor x, Tensor weight) -> Tensor", half_linear);
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("isa() -> str", isa);
 }
+
+// A CPU kernel, not a composite: torch.compile traces it through the fake that
+// pipeline/quant/kernels/cpp.py registers.
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("linear", half_linear); }

@@ -289,7 +289,10 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("accumulators(Tensor d, Tensor weight) -> Tensor", accumulators);
   m.def(
       "linear(Tensor x, Tensor weight, Tensor row_scale, bool dynamic, bool symmetric, int qmin, int qmax, "
-      "float divisor, float eps, int scale_dtype, float static_scale, int static_zero) -> Tensor",
-      linear);
+      "float divisor, float eps, int scale_dtype, float static_scale, int static_zero) -> Tensor");
   m.def("isa() -> str", isa);
 }
+
+// A CPU kernel, not a composite: torch.compile traces it through the fake that
+// pipeline/quant/kernels/cpp.py registers.
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("linear", linear); }

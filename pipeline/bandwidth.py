@@ -14,6 +14,8 @@ import time
 import torch
 from torch import nn
 
+from pipeline.memory_peak import synchronize
+
 
 def _tensor_bytes(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
@@ -55,17 +57,20 @@ def bytes_read_per_token(model: nn.Module) -> int:
     return total
 
 
-def read_bandwidth_gb_s(buffer_mb: int, repeats: int) -> float:
-    """Median GB/s (1e9 bytes) of summing a float32 buffer of ``buffer_mb`` MiB, with torch's current thread
-    count; the buffer must be several times the last-level cache so that it streams from memory."""
+def read_bandwidth_gb_s(buffer_mb: int, repeats: int, device: torch.device | str = "cpu") -> float:
+    """Median GB/s (1e9 bytes) of summing a float32 buffer of ``buffer_mb`` MiB on ``device`` (the model's:
+    a GPU's floor is its own memory's), with torch's current thread count; the buffer must be several
+    times the last-level cache so that it streams from memory."""
     if buffer_mb < 1 or repeats < 1:
         raise ValueError(f"profile.bandwidth needs buffer_mb >= 1 and repeats >= 1, got {buffer_mb} and {repeats}")
-    buffer = torch.ones(buffer_mb * 2**20 // 4, dtype=torch.float32)
+    buffer = torch.ones(buffer_mb * 2**20 // 4, dtype=torch.float32, device=device)
     buffer.sum()  # touch every page once, so no repeat pays for first-touch faults
     seconds = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         buffer.sum()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return _tensor_bytes(buffer) / statistics.median(seconds) / 1e9
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.device import module_device
 from pipeline.progress import progress
 from pipeline.quant.primitives import QuantSpec, dequantize, qparams_from_range, quantize
 
@@ -35,6 +36,7 @@ class ActivationStats:
     min_val: float = 0.0
     max_val: float = 0.0
     samples: list[torch.Tensor] = field(default_factory=list)
+    device: str = "cpu"  # of the activations seen: the qparams are made there
 
     @property
     def absmax(self) -> float:
@@ -42,10 +44,13 @@ class ActivationStats:
 
     def update(self, x: torch.Tensor, generator: torch.Generator) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
+        self.device = str(x.device)
         self.min_val = min(self.min_val, float(x.min()))
         self.max_val = max(self.max_val, float(x.max()))
         flat = x.reshape(-1)
-        idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
+        # drawn by a CPU generator on every device: the same positions wherever the model runs
+        count = min(SAMPLES_PER_BATCH, flat.numel())
+        idx = torch.randint(0, flat.numel(), (count,), generator=generator, device="cpu").to(flat.device)
         self.samples.append(flat[idx])
 
 
@@ -57,6 +62,7 @@ def collect_activation_stats(
     modules = dict(model.named_modules())
     stats = {name: ActivationStats() for name in layer_names}
     generator = torch.Generator().manual_seed(seed)
+    device = module_device(model)
     hooks = [
         modules[name].register_forward_pre_hook(lambda _m, args, n=name: stats[n].update(args[0], generator))
         for name in layer_names
@@ -64,7 +70,7 @@ def collect_activation_stats(
     try:
         starts = range(0, batches.shape[0], batch_size)
         for start in progress(starts, f"calibrate: batches of {batch_size} sequences", "batch"):
-            model(input_ids=batches[start : start + batch_size], use_cache=False)
+            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -91,8 +97,8 @@ def observe_range(
     x = values.reshape(1, -1)
     lo, hi = (-stats.absmax, stats.absmax) if spec.symmetric else (stats.min_val, stats.max_val)
     best, best_err = (lo, hi), float("inf")
-    for fraction in torch.linspace(0.3, 1.0, 36).tolist():
-        scale, zero = qparams_from_range(torch.tensor([[lo * fraction]]), torch.tensor([[hi * fraction]]), spec)
+    for fraction in torch.linspace(0.3, 1.0, 36, device="cpu").tolist():
+        scale, zero = qparams_from_range(_cell(lo * fraction, x.device), _cell(hi * fraction, x.device), spec)
         err = float((dequantize(quantize(x, scale, zero, spec, x.shape), scale, zero, x.shape) - x).pow(2).mean())
         if err < best_err:
             best, best_err = (lo * fraction, hi * fraction), err
@@ -111,4 +117,8 @@ def activation_qparams(
     """Static per-tensor (scale, zero point) of shape (1, 1) from the observed range; zero is None
     for a symmetric spec."""
     lo, hi = observe_range(stats, spec, observer, percentile)
-    return qparams_from_range(torch.tensor([[lo]]), torch.tensor([[hi]]), spec)
+    return qparams_from_range(_cell(lo, stats.device), _cell(hi, stats.device), spec)
+
+
+def _cell(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor([[value]], device=device)

@@ -50,6 +50,15 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: the device of its first parameter (or buffer); cpu if it has none.
+
+    Stages move their inputs (tokens, calibration batches) here, at the point of use."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def resolve(cfg: DictConfig) -> torch.device:
     """Resolve ``cfg.device`` and ``cfg.model.dtype`` in place (idempotent); returns the device."""
     device = resolve_device(cfg.get("device", "auto"))

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from pipeline import cachefile, stats
 from pipeline.assets import cache_dir
 from pipeline.data import load_corpus, split_half, token_stream
+from pipeline.device import module_device
 from pipeline.progress import progress
 from pipeline.reference_store import FULL, ReferenceDist, Store, check_store, keep, kl_rows
 
@@ -193,19 +194,21 @@ def score(
     offset = 0 if bos_token_id is None else 1
     nll, argmax, kl, bound, kept = [], [], [], [], []
     n_kl = 0
+    device = module_device(model)
     for i in progress(range(0, len(spans), batch_size), f"evaluate: batches of {batch_size} windows", "batch"):
         batch = spans[i : i + batch_size]
-        ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id)
+        ids = _with_bos(torch.stack([tokens[b:e] for b, e, _ in batch]), bos_token_id).to(device)
         logits = model(input_ids=ids, use_cache=False).logits
         for row, (_, _, first) in enumerate(batch):
             # position t predicts token t+1: scored targets first..T-1 of the window sit at
             # first+offset.. in ids and use the logits one position earlier
             logprobs = F.log_softmax(logits[row, first - 1 + offset : -1].float(), dim=-1)
             targets = ids[row, first + offset :]
-            nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1))
-            argmax.append(logprobs.argmax(-1))
+            # Scores live on the CPU (the reference cache, the bootstrap): one copy per window.
+            nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu())
+            argmax.append(logprobs.argmax(-1).cpu())
             for c in range(0, min(kl_tokens - n_kl, logprobs.shape[0]), KL_CHUNK):
-                chunk = logprobs[c : min(c + KL_CHUNK, kl_tokens - n_kl)]
+                chunk = logprobs[c : min(c + KL_CHUNK, kl_tokens - n_kl)].cpu()
                 if reference is not None:
                     kl_chunk, bound_chunk = kl_rows(reference.distribution, n_kl + c, chunk)
                     kl.append(kl_chunk)
@@ -240,7 +243,7 @@ def perplexity_by_context(
         batch_size = max(1, tokens_per_batch // length)
         batch_starts = range(0, windows_.shape[0], batch_size)
         for i in progress(batch_starts, f"perplexity at context {length}: batches of {batch_size} windows", "batch"):
-            ids = _with_bos(windows_[i : i + batch_size], bos_token_id)
+            ids = _with_bos(windows_[i : i + batch_size], bos_token_id).to(module_device(model))
             logits = model(input_ids=ids, use_cache=False).logits.float()
             nll.append(
                 F.cross_entropy(logits[:, offset:-1].flatten(0, 1), ids[:, offset + 1 :].flatten(), reduction="none")

@@ -80,7 +80,7 @@ LOW_PRECISION_MATMUL_ROWS = 16
 def half_linear_kernel(weight: torch.Tensor, activation_dtype: torch.dtype) -> str:
     """What a kept linear layer with this weight computes decode rows with (the layer table's kernel)."""
     built = cpp.build("half_linear")
-    if built.ok and weight.dtype in HALF_DTYPES and activation_dtype == torch.float32:
+    if built.ok and weight.device.type == "cpu" and weight.dtype in HALF_DTYPES and activation_dtype == torch.float32:
         return "half_linear"
     return f"{str(weight.dtype).removeprefix('torch.')} F.linear"
 
@@ -90,7 +90,7 @@ def _kept_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows <= LOW_PRECISION_MATMUL_ROWS and module.kernel == "half_linear":
-        y = cpp.op("half_linear", "linear")(x.reshape(rows, -1).float().contiguous(), weight)
+        y = module.half_linear_op(x.reshape(rows, -1).float().contiguous(), weight)
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias.to(y.dtype)
     dtype = weight.dtype if rows <= LOW_PRECISION_MATMUL_ROWS else x.dtype
@@ -128,6 +128,8 @@ def store_kept(model: nn.Module, dtype: torch.dtype, activation_dtype: torch.dty
                 cast.add(id(p))
         if type(module) is nn.Linear:
             module.kernel = half_linear_kernel(module.weight, activation_dtype)
+            # looked up once: the op itself is what torch.compile traces (through its fake)
+            module.half_linear_op = cpp.op("half_linear", "linear") if module.kernel == "half_linear" else None
             module.forward = types.MethodType(_kept_linear_forward, module)
             continue
         if not _self_upcasting(module):

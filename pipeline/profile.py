@@ -25,6 +25,7 @@ import ctypes
 import gc
 import logging
 import statistics
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,8 @@ from torch import nn
 
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
-from pipeline.generation import Generation, greedy
+from pipeline.device import module_device
+from pipeline.generation import CompiledDecoder, Generation, greedy
 from pipeline.layers import embedding_modules, storage_ptr
 from pipeline.progress import progress
 from pipeline.quant.embedding import QuantEmbedding
@@ -188,7 +190,9 @@ def profile_metrics(
     and energy over the same windows, the bandwidth floor of decode and the cost per token."""
     meter = energy.meter_for(model, cfg["energy"])
     with torch_threads(int(cfg["threads"])):  # the floor's bandwidth with the decode's thread count
-        gb_s = bandwidth.read_bandwidth_gb_s(int(cfg["bandwidth"]["buffer_mb"]), int(cfg["bandwidth"]["repeats"]))
+        gb_s = bandwidth.read_bandwidth_gb_s(
+            int(cfg["bandwidth"]["buffer_mb"]), int(cfg["bandwidth"]["repeats"]), module_device(model)
+        )
     metrics = speed_metrics(model, reference, tokens, cfg, meter)
     batches = list(cfg["batch_sizes"])
     metrics |= floor_metrics(
@@ -247,6 +251,8 @@ def speed_metrics(
             if tokens.numel() < batch * prompt_len:
                 raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
             prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
+            if module_device(model).type == "cuda":  # an idle GPU clocks down: time it once it is up
+                metrics[f"settle_runs{_suffix(batch)}"] = float(settle(reference, prompt, decode_tokens, cfg["settle"]))
             runs: dict[str, list[Generation]] = {"ref_a": [], "quant": [], "ref_b": []}
             label = f"profile batch {batch}: repeats (ref, model, ref)"
             for i in progress(range(warmup + repeats), label, "repeat"):
@@ -277,7 +283,77 @@ def speed_metrics(
                 )
             if meter is not None:
                 metrics |= usage_metrics(runs, batch * decode_tokens, batch * prompt_len, suffix, meter)
+            if cfg.get("compiled"):
+                metrics |= compiled_metrics(model, reference, prompt, decode_tokens, warmup, repeats, suffix)
     return metrics
+
+
+def compiled_metrics(
+    model: nn.Module,
+    reference: nn.Module,
+    prompt: torch.Tensor,
+    decode_tokens: int,
+    warmup: int,
+    repeats: int,
+    suffix: str,
+) -> dict[str, float]:
+    """Decode again with a static KV cache and a compiled step (``CompiledDecoder``; on a GPU with CUDA
+    graphs, ``mode="reduce-overhead"``), interleaved A, Q, B as the eager timing: ``decode_tok_s_compiled``
+    and ``_ref_compiled``, ``speedup_vs_ref_compiled`` with its interval, noise and win, and the time the
+    first call spent compiling, ``compile_s`` and ``compile_s_ref`` (each with the batch suffix)."""
+    mode = "reduce-overhead" if module_device(model).type == "cuda" else None
+    length, new_tokens = prompt.shape[1] + decode_tokens + 1, decode_tokens + 1
+    decoders = {"quant": CompiledDecoder(model, prompt.shape[0], length, mode)}
+    decoders["ref"] = CompiledDecoder(reference, prompt.shape[0], length, mode)
+    for decoder in decoders.values():
+        decoder(prompt, new_tokens)  # compiles
+    times: dict[str, list[float]] = {"ref_a": [], "quant": [], "ref_b": []}
+    for i in progress(range(warmup + repeats), f"profile batch {prompt.shape[0]}, compiled: repeats", "repeat"):
+        for key in times:
+            decode_s = decoders["ref" if key != "quant" else "quant"](prompt, new_tokens)[0].decode_s
+            if i >= warmup:
+                times[key].append(decode_s)
+    ref = [(a + b) / 2 for a, b in zip(times["ref_a"], times["ref_b"], strict=True)]
+    count = prompt.shape[0] * decode_tokens
+    return {
+        f"decode_tok_s_compiled{suffix}": count / statistics.median(times["quant"]),
+        f"decode_tok_s_ref_compiled{suffix}": count / statistics.median(ref),
+        f"compile_s{suffix}": decoders["quant"].compile_s,
+        f"compile_s_ref{suffix}": decoders["ref"].compile_s,
+        **_ratio_metrics(
+            f"speedup_vs_ref_compiled{suffix}",
+            f"speed_noise_pct_compiled{suffix}",
+            f"speedup_is_win_compiled{suffix}",
+            paired=[r / q for r, q in zip(ref, times["quant"], strict=True)],
+            self_ratios=[a / b for a, b in zip(times["ref_a"], times["ref_b"], strict=True)],
+        ),
+    }
+
+
+def settle(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, settle_cfg: Mapping) -> int:
+    """Decode until two successive runs agree within ``tolerance_pct`` (at least ``min_s`` seconds of
+    warm-up, at most ``max_s``): a GPU that was idle clocks up over a second or more (an idle H200 reads
+    345 MHz, and a short warm-up read bf16 at 16 tok/s instead of 48). Returns the runs it took; logs
+    whether it settled."""
+    tolerance, min_s, max_s = (float(settle_cfg[k]) for k in ("tolerance_pct", "min_s", "max_s"))
+    start, runs, last = time.perf_counter(), 0, None
+    while True:
+        now = greedy(model, prompt, decode_tokens + 1)[0].decode_s
+        runs += 1
+        elapsed = time.perf_counter() - start
+        agreed = last is not None and abs(now / last - 1) * 100 <= tolerance
+        if (agreed and elapsed >= min_s) or elapsed >= max_s:
+            how = "settled" if agreed else f"did NOT settle within {max_s:.0f} s"
+            log.info(
+                "profile warm-up %s after %d runs (%.1f s; last two decodes %.4f s, %.4f s)",
+                how,
+                runs,
+                elapsed,
+                last or now,
+                now,
+            )
+            return runs
+        last = now
 
 
 def usage_metrics(

@@ -60,6 +60,18 @@ def check_method(method: Mapping) -> None:
         raise ValueError(f"unknown observer {act['observer']!r}; allowed: {', '.join(calibrate.OBSERVERS)}")
 
 
+def check_kernels(container: Mapping, run_device: torch.device) -> None:
+    """``kernels`` names a registered kernel that runs on the run's device; sets the int4 row threshold."""
+    preference = container["kernels"]
+    if preference not in kernels.PREFERENCES:
+        raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {preference!r}")
+    if preference != "auto":
+        refusal = kernels.device_refusal(kernels.BY_NAME[preference], run_device)
+        if refusal is not None:
+            raise ValueError(f"kernels={preference} {refusal.replace('the layer', 'this run')}: use kernels=auto")
+    kernels.set_small_batch_rows(container.get("kernel_small_batch_rows", kernels.DEFAULT_SMALL_BATCH_ROWS))
+
+
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     extra = [o for o in overrides if not o.startswith(("method=", "experiment=", "model="))]
     return " ".join([f"{cfg.model.name}/{cfg.method.name}", *extra])
@@ -69,12 +81,11 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     """Every check that needs no model, then the MLflow experiment: (experiment id, run name, tags, model path).
 
     Resolves ``device`` and ``model.dtype`` in ``cfg`` first (pipeline/device.py)."""
-    device.resolve(cfg)
+    run_device = device.resolve(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
     check_method(method)
-    if container["kernels"] not in kernels.PREFERENCES:
-        raise ValueError(f"kernels must be one of {', '.join(kernels.PREFERENCES)}, got {container['kernels']!r}")
+    check_kernels(container, run_device)
     quantize.check_storage(container["layers"])
     check_offload(container["offload"])
     shipping.check_tracking(container["tracking"])

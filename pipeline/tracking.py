@@ -137,12 +137,36 @@ def provenance() -> dict[str, str]:
         "host.platform": platform.platform(),
         "host.cpu_count": str(os.cpu_count()),
         "host.processor": _cpu_model(),
+        **gpu_provenance(),
     }
     for package in PACKAGES:
         try:
             info[f"pkg.{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             info[f"pkg.{package}"] = "not installed"
+    return info
+
+
+def gpu_provenance() -> dict[str, str]:
+    """GPU name, count, driver and CUDA runtime where torch sees a GPU (``host.gpu*``); {} otherwise."""
+    if not torch.cuda.is_available():
+        return {}
+    info = {
+        "host.gpu": torch.cuda.get_device_name(0),
+        "host.gpu_count": str(torch.cuda.device_count()),
+        "host.cuda": str(torch.version.cuda),
+        "host.gpu_driver": "unknown",
+    }
+    try:  # the driver version is NVML's to say (nvidia-ml-py, as for energy)
+        import pynvml
+    except ImportError:
+        info["host.gpu_driver"] = "unknown (nvidia-ml-py not installed)"
+        return info
+    try:
+        pynvml.nvmlInit()
+        info["host.gpu_driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+    except pynvml.NVMLError as error:
+        info["host.gpu_driver"] = f"unknown (NVML: {error})"
     return info
 
 

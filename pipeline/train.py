@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline.device import module_device
 from pipeline.progress import progress
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, fake_quantize_ste, quantize
 
@@ -117,13 +118,15 @@ def fit(
     warmup = round(steps * float(options["warmup_fraction"]))
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(seed)
+    device = module_device(model)
     model.train()
     losses = []
     try:
         bar = progress(range(steps), "QAT: training steps", "step")
         for step in bar:
             start = time.perf_counter()
-            ids = batches[torch.randint(0, batches.shape[0], (batch_size,), generator=generator)]
+            picked = torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")
+            ids = batches[picked].to(device)
             loss = loss_on(model, ids, options["loss"], teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,11 +1,13 @@
 """One command-line style: Hydra overrides for `pipeline` and `pipeline.tune`; bad input is one line."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import tune
 
@@ -62,3 +64,27 @@ def test_tune_takes_hydra_overrides_only(capsys):
     assert "Could not find 'experiment/nope'" in _main_error(capsys, "experiment=nope")
     assert "experiment compare is a sweep" in _main_error(capsys, "experiment=compare")
     assert "tune.workers must be a positive integer" in _main_error(capsys, "tune.workers=0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA: device=cuda is not bad input here")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("device=cuda",),
+            r"error: device=cuda but (this torch \(.*\) has no CUDA|no GPU is visible): "
+            r"use device=cpu \(or device=auto\)",
+        ),
+        (("device=tpu",), "error: device must be one of auto, cpu, cuda, cuda:N, got 'tpu'"),
+        (
+            ("device=cpu", "kernels=cuda_int4_tinygemm"),
+            "error: kernels=cuda_int4_tinygemm runs on cuda, this run is on cpu: use kernels=auto",
+        ),
+    ],
+)
+def test_a_device_this_machine_cannot_serve_is_one_error_line(tmp_path, overrides, message):
+    done = _cli(tmp_path, "pipeline", "method=group_wise", *overrides)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(message, errors[0]), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

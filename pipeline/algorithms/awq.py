@@ -76,8 +76,8 @@ def search_clip(
         [gram[g * block_cols : (g + 1) * block_cols, g * block_cols : (g + 1) * block_cols] for g in range(n_groups)]
     )
     lo, hi = wg.amin(-1), wg.amax(-1)
-    best_err = torch.full((rows, n_groups), float("inf"))
-    best_ratio = torch.ones(rows, n_groups)
+    best_err = torch.full((rows, n_groups), float("inf"), device=w.device)
+    best_ratio = torch.ones(rows, n_groups, device=w.device)
     for i in range(grid):
         ratio = 1 - max_shrink * i / grid
         scale, zero = choose_qparams(w, spec, block, min_val=lo * ratio, max_val=hi * ratio)
@@ -109,7 +109,7 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     model's own dtype (bf16) the rounding of weight / s alone exceeds any tolerance that still
     tells y = x_hat * w from, e.g., y = x_hat * (1 + w).
     """
-    probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0), device="cpu").to(s.device)
     trial = copy.deepcopy(norm).float()
     before = trial(probe)
     trial.weight.div_(s)

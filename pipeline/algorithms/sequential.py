@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.algorithms.gptq import HessianAccumulator
+from pipeline.device import module_device
 from pipeline.progress import progress
 
 
@@ -88,7 +89,7 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tenso
     try:
         for start in range(0, batches.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
-                model(input_ids=batches[start : start + batch_size], use_cache=False)
+                model(input_ids=batches[start : start + batch_size].to(module_device(model)), use_cache=False)
     finally:
         handle.remove()
     return captured

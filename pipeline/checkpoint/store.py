@@ -45,7 +45,7 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = tensor.detach().contiguous()
+        tensors[name] = tensor.detach().contiguous().cpu()  # safetensors writes host memory
     return tensors, aliases
 
 
@@ -132,10 +132,11 @@ class Loaded:
     kernel_changes: list[tuple[str, str, str]]
 
 
-def load_checkpoint(folder: Path) -> Loaded:
-    """Rebuild the model: the base architecture from ``config.json``, each registered module from its
-    entry and tensors, every other tensor in its saved dtype. Strict: every saved tensor is used and
-    none is missing; the content hash is checked; kernels are selected anew and compared."""
+def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> Loaded:
+    """Rebuild the model on ``device``: the base architecture from ``config.json``, each registered
+    module from its entry and tensors, every other tensor in its saved dtype. Strict: every saved
+    tensor is used and none is missing; the content hash is checked; kernels are selected anew (for
+    ``device``) and compared with the saved ones."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -160,15 +161,10 @@ def load_checkpoint(folder: Path) -> Loaded:
     state = dict(tensors)
     for alias, saved in manifest["aliases"].items():
         state[alias] = state[saved]
-    changes = []
     for name, entry in manifest["modules"].items():
         prefix = f"{name}."
         own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        module = codecs.codec(entry["type"]).from_entry(entry, own)
-        _set_module(model, name, module)
-        now = getattr(module, "kernel", None)
-        if entry.get("kernel") is not None and now != entry["kernel"]:
-            changes.append((name, entry["kernel"], now))
+        _set_module(model, name, codecs.codec(entry["type"]).from_entry(entry, own))
     # assign=True: kept tensors keep their saved dtype (a 16-bit kept layer stays 16-bit) and
     # tied names share the one loaded tensor.
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -177,10 +173,16 @@ def load_checkpoint(folder: Path) -> Loaded:
             f"{folder} does not fit the model its config builds: missing {sorted(missing)[:5]}, "
             f"unused {sorted(unexpected)[:5]}"
         )
-    if manifest.get("kept"):  # kept 16-bit layers compute as in the run (pipeline.kept)
+    model.to(device)  # quantized layers select their kernels again there
+    if manifest.get("kept"):  # kept 16-bit layers compute as in the run (pipeline.kept), on this device
         from pipeline import kept
 
         kept.store_kept(model, DTYPES[manifest["kept"]["dtype"]], DTYPES[manifest["kept"]["activation_dtype"]])
+    changes = []
+    for name, entry in manifest["modules"].items():
+        now = getattr(model.get_submodule(name), "kernel", None)
+        if entry.get("kernel") is not None and now != entry["kernel"]:
+            changes.append((name, entry["kernel"], now))
     if changes:
         log.warning(
             "%d layers run a different kernel than when saved (e.g. %s: %s -> %s); logits may differ in the last bits",

@@ -139,7 +139,7 @@ class QuantEmbedding(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole table as floats, without ``embed_scale`` (error figures and tests; a lookup never builds it)."""
-        return self._rows(torch.arange(self.num_embeddings), dtype)
+        return self._rows(torch.arange(self.num_embeddings, device=self.packed.device), dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self._rows(input_ids.reshape(-1), self.output_dtype)

@@ -101,9 +101,23 @@ class QuantLinear(nn.Module):
         # Per-input-channel multiplier on x (activation-aware scaling that could not be folded).
         self.register_buffer("input_scale", input_scale)
         self.kernel_preference = kernel_preference
-        self._kernel, self.kernel_note = kernels.select(self.tensors(), kernel_preference)
-        self._kernel_state = self._kernel.prepare(self.tensors())
+        self._select_kernel()
         self._kernel_only = input_scale is None and lowrank is None and bias is None
+
+    def _select_kernel(self) -> None:
+        """Pick and prepare the kernel for where the buffers are now."""
+        self._kernel, self.kernel_note = kernels.select(self.tensors(), self.kernel_preference)
+        self._kernel_state = self._kernel.prepare(self.tensors())
+
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to(device)`` / ``.cuda()`` (or a dtype cast), the kernel's own layout was built for the
+        old place: select and prepare again where the buffers are now (the kernel may change: a CPU
+        kernel has no CUDA counterpart). A named kernel that cannot run there is an error."""
+        before = self.packed.device
+        out = super()._apply(fn, recurse)
+        if self.packed.device != before:
+            self._select_kernel()
+        return out
 
     @classmethod
     def from_float(

@@ -2,14 +2,13 @@
 
 Codes are laid out little-endian in a bit stream: code i occupies bits [i*b, (i+1)*b). One
 routine serves every width (3-bit codes straddle byte boundaries like any other); the stream is
-padded to whole bytes, and ``unpack`` needs the original count to drop the padding.
+padded to whole bytes, and ``unpack`` needs the original count to drop the padding. Both run on
+the codes' device (CPU, CUDA or meta): every helper tensor is made there.
 """
 
 from __future__ import annotations
 
 import torch
-
-_BYTE_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
 
 
 def packed_numel(numel: int, bits: int) -> int:
@@ -24,12 +23,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8)
-    bit_planes = (flat.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32)) & 1  # (n, bits)
+    bit_planes = (flat.unsqueeze(-1) >> _arange(bits, flat.device)) & 1  # (n, bits)
     stream = bit_planes.reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    return (stream.reshape(-1, 8) * _BYTE_WEIGHTS).sum(dim=-1).to(torch.uint8)
+    byte_weights = 2 ** _arange(8, flat.device)
+    return (stream.reshape(-1, 8) * byte_weights).sum(dim=-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -37,9 +37,13 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel].to(torch.int32)
     if 8 % bits == 0:  # 2 and 4 bits: codes never straddle bytes, so shift whole bytes (fast path)
-        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
         codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
         return codes.reshape(-1)[:numel]
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> _arange(8, packed.device)) & 1).reshape(-1)
     planes = stream[: numel * bits].reshape(numel, bits)
-    return (planes << torch.arange(bits, dtype=torch.int32)).sum(dim=-1, dtype=torch.int32)
+    return (planes << _arange(bits, packed.device)).sum(dim=-1, dtype=torch.int32)
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=device)

@@ -25,7 +25,19 @@ REFUSE_KEYS = (
 )
 # Different values leave the protocol the same but may move the numbers (code, machine, library
 # versions: the same compare config on two machines gave w2_group ppl 378 and 392): flagged.
-FLAG_KEYS = ("git.commit", "git.dirty", "host.processor", "host.cpu_count", "host.platform", "model.resolved_path")
+FLAG_KEYS = (
+    "git.commit",
+    "git.dirty",
+    "host.processor",
+    "host.cpu_count",
+    "host.platform",
+    "model.resolved_path",
+    "device",
+    "model.dtype",
+    "host.gpu",  # GPU runs only (pipeline.tracking.gpu_provenance)
+    "host.gpu_driver",
+    "host.cuda",
+)
 
 
 def provenance_keys(runs: pd.DataFrame) -> tuple[list[str], list[str]]:

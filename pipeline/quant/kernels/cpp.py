@@ -102,14 +102,31 @@ def compile_library(stem: str, library: str, cflags: tuple[str, ...] = CFLAGS) -
     )
 
 
+# -- fake (meta) implementations: what torch.compile traces our ops with -------------------------
+# Each ``linear`` returns float32 (rows of x, out features); the out features are an argument
+# (lowbit_cpu) or the weight's rows (int8_cpu, half_linear).
+def _fake_lowbit_linear(x, packed, bits, n, k, group, scale, zero):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def _fake_rows_linear(x, weight, *params):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+FAKE_LINEAR = {"lowbit_cpu": _fake_lowbit_linear, "int8_cpu": _fake_rows_linear, "half_linear": _fake_rows_linear}
+
+
 @functools.cache
 def build(stem: str) -> Build:
-    """Build ``csrc/<stem>.cpp`` once per process; its ops are then ``torch.ops.quantbench_<stem>``."""
+    """Build ``csrc/<stem>.cpp`` once per process; its ops are then ``torch.ops.quantbench_<stem>``,
+    with a fake implementation of ``linear`` registered for torch.compile."""
     library = f"quantbench_{stem}"
     try:
         compile_library(stem, library)
     except (RuntimeError, OSError, subprocess.CalledProcessError, ImportError) as error:
         return Build(name=stem, isa=None, error=_first_error_lines(str(error)) or type(error).__name__)
+    if stem in FAKE_LINEAR:
+        torch.library.register_fake(f"{library}::linear")(FAKE_LINEAR[stem])
     return Build(name=stem, isa=getattr(torch.ops, library).isa(), error=None)
 
 

@@ -51,6 +51,7 @@ class Int8Cpu:
         spec = act.spec
         static = act.mode == "static"
         return {
+            "op": cpp.ops("int8_cpu").linear.default,  # looked up once; torch.compile traces it through its fake
             "weight": layer.codes().to(torch.int8).contiguous(),  # (out, in): each output row is one stream
             "row_scale": layer.scale_per_row_group(layer.in_features).reshape(-1).contiguous(),
             # The constants of choose_qparams / quantize, as quantize_activation uses them.
@@ -68,6 +69,4 @@ class Int8Cpu:
         }
 
     def run(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        return cpp.op("int8_cpu", "linear")(
-            x.float().contiguous(), state["weight"], state["row_scale"], *state["params"]
-        )
+        return state["op"](x.float().contiguous(), state["weight"], state["row_scale"], *state["params"])

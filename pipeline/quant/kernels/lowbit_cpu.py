@@ -40,9 +40,10 @@ class LowbitCpu:
         return f"fused {layer.spec.bits}-bit GEMV/GEMM on packed codes, {isa}, fp32 accumulate, {group}"
 
     def prepare(self, layer: LayerTensors) -> dict:
-        cpp.ops("lowbit_cpu")  # loads the op into this process, or says it is not built
         group = layer.block_size[1]
         return {
+            # looked up here, once: the op itself is what torch.compile traces (through its fake)
+            "op": cpp.ops("lowbit_cpu").linear.default,  # raises where the kernel is not built
             "packed": layer.packed,  # the stored tensor itself: the kernel decodes it in place
             "scale": layer.scale_per_row_group(group),
             "zero": layer.unsigned_zero_per_row_group(group),
@@ -55,7 +56,7 @@ class LowbitCpu:
     def run(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
-        return cpp.op("lowbit_cpu", "linear")(
+        return state["op"](
             x.contiguous(),
             state["packed"],
             state["bits"],
