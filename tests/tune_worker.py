@@ -6,9 +6,9 @@ sampled settings, instead of quantizing and evaluating a model. Storage, MLflow,
 processes are the real ones; only the trial's work is cheap, so a fault test can kill or restart things
 mid-trial within seconds.
 
-``QB_START_AT=<unix time>``: wait (imports done) until that instant, so that several workers start
-together. ``QB_JOIN_ONLY=1``: open the study and join it (rank, seed, parent run), print them as JSON,
-run no trial.
+``QB_START=<path>``: with its imports done, write ``<path>.<pid>.ready`` and wait for ``<path>`` to
+appear: the test creates it once every worker is ready, so that they start at the same instant.
+``QB_JOIN_ONLY=1``: open the study and join it (rank, seed, parent run), print them as JSON, run no trial.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import mlflow
 
@@ -38,13 +39,14 @@ def stand_in_run(cfg, experiment_id, name, tags, model_path, log_file=None, prob
 
 def main(overrides: list[str]) -> None:
     run.tracked_run = stand_in_run
-    start_at = float(os.environ.get("QB_START_AT", "0"))
-    late_s = max(0.0, time.time() - start_at) if start_at else 0.0  # > 0: the imports outlasted the wait
-    time.sleep(max(0.0, start_at - time.time()))
+    start = os.environ.get("QB_START")
+    if start:
+        Path(f"{start}.{os.getpid()}.ready").touch()
+        while not Path(start).exists():
+            time.sleep(0.005)
     if os.environ.get("QB_JOIN_ONLY"):
         _, study, parent_id, _, _, (rank, seed) = tune.setup_study(overrides, join=True)
-        joined = {"study_id": study._study_id, "parent": parent_id, "rank": rank, "seed": seed, "late_s": late_s}
-        print(json.dumps(joined))
+        print(json.dumps({"study_id": study._study_id, "parent": parent_id, "rank": rank, "seed": seed}))
         return
     tune.main(overrides)
 
