@@ -106,7 +106,8 @@ def one_run(workers: int, server: str, model: Path, work: Path, trials: int, kil
     wall = time.perf_counter() - start
     study = optuna.load_study(study_name="scaleout", storage=storage_url(storage))
     fault = f"one killed in trial {killed}" if kill else "none"
-    row = {"workers": workers, "fault": fault, "wall_s": wall, **bookkeeping(study, mlflow_uri)}
+    load = os.getloadavg()[1]  # the machine's load over the last 5 minutes: other jobs share the cores
+    row = {"workers": workers, "fault": fault, "wall_s": wall, "load": load, **bookkeeping(study, mlflow_uri)}
     drop_database(storage)
     return row
 
@@ -203,11 +204,13 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "`tune.workers=2` gives each worker half the cores (OMP_NUM_THREADS=1 here); 1 worker uses both. The",
         "fault run starts two workers by hand and SIGKILLs one mid-trial (heartbeat 2 s, grace 6 s).",
         "",
-        "| run | workers | fault | wall s | trials | finished | failed | retried | lost | ran | duplicates (across) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | workers | fault | wall s | load | trials | finished | failed | retried | lost | ran "
+        "| duplicates (across) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [row["repeat"], row["workers"], row["fault"], f"{row['wall_s']:.1f}", row["trials"], row["finished"]]
+        cells = [row["repeat"], row["workers"], row["fault"], f"{row['wall_s']:.1f}", f"{row['load']:.1f}"]
+        cells += [row["trials"], row["finished"]]
         cells += [row["failed"], row["retried"], row["lost"], row["ran"], f"{row['duplicates']} ({row['across']})"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     spread = f" (min {min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} pairs)" if len(ratios) > 1 else ""
@@ -218,7 +221,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "of the coordination (study lock, shared storage, duplicate reuse) and of the second process start,",
         "not the speed-up of two machines.",
         "",
-        "Columns: finished = COMPLETE or PRUNED; failed = FAIL; retried = re-runs of a dead worker's trial;",
+        "Columns: load = the machine's 5-minute load average at the end of the run (2 cores; other jobs ran);",
+        "finished = COMPLETE or PRUNED; failed = FAIL; retried = re-runs of a dead worker's trial;",
         "lost = trials left RUNNING or WAITING plus MLflow trial runs left RUNNING; ran = trials that ran the",
         "pipeline (the rest reused the values of an earlier trial with the same setting); duplicates = trials",
         "that drew the setting of an earlier trial, (across) = of an earlier trial of the other worker.",
