@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
+import filelock
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
@@ -69,17 +71,36 @@ def connect(uri: str | None = None) -> Path | None:
     return artifact_root
 
 
+def _first_use_lock(uri: str) -> filelock.BaseFileLock | contextlib.nullcontext:
+    """A local sqlite store is created on first use: processes starting together (tuning workers) take
+    turns, or several would create its tables at once and fail."""
+    if uri.startswith("sqlite:///"):
+        return filelock.FileLock(uri.removeprefix("sqlite:///") + ".lock")
+    return contextlib.nullcontext()
+
+
 def setup(cfg: Mapping) -> str:
     """Connect, check the store answers, and return the id of ``cfg.experiment`` (created once)."""
     artifact_root = connect(cfg.get("uri"))
     name = cfg["experiment"]
+    with _first_use_lock(mlflow.get_tracking_uri()):
+        return _experiment_id(name, artifact_root)
+
+
+def _experiment_id(name: str, artifact_root: Path | None) -> str:
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             location = (artifact_root / name).as_uri() if artifact_root else None
-            return mlflow.create_experiment(
-                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-            )
+            try:
+                return mlflow.create_experiment(
+                    name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # another process (a tuning worker started at the same instant) created it first
+                experiment = mlflow.get_experiment_by_name(name)
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag existed
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     except MlflowException as e:

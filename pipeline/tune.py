@@ -11,10 +11,14 @@ stages, and is an MLflow child run of the study's parent run, tagged with the st
 
 - Objectives: metric names the run logs (``tune.objectives``); one gives a best trial, several a
   Pareto front. Directions come from ``DIRECTIONS``.
-- Storage: an RDB URL (sqlite by default). A study of the same name resumes: finished trials are
-  kept and ``tune.n_trials`` counts them; trials a killed worker left RUNNING are failed after the
-  heartbeat grace period (their MLflow runs too) and retried once. Several processes (``--workers``,
-  or on other machines with a PostgreSQL URL) share one study.
+- Storage: sqlite (one machine; the default) or PostgreSQL (workers on any machines), see
+  pipeline/tune_storage.py: checked to answer before anything runs, calls retried through a database
+  restart. A study of the same name resumes: finished trials are kept and ``tune.n_trials`` counts them;
+  trials a killed worker left RUNNING are failed after the heartbeat grace period (their MLflow runs
+  too) and retried once. Several processes (``tune.workers=N``, or started by hand on any machines
+  with one PostgreSQL URL) share one study: its creation, parent run and preset trial are made once
+  under a lock in the storage, and each worker takes a rank there and samples with
+  ``tune.sampler_seed + rank`` (trial user attributes ``worker``, ``worker_rank``, ``sampler_seed``).
 - Pruning (single objective): right after quantization, KL vs the reference on the first
   ``tune.proxy_windows`` evaluation windows goes to a MedianPruner; a pruned trial skips the
   evaluation. The parent run logs ``prune_saved_s``: per pruned trial, the mean duration of the
@@ -50,7 +54,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import evaluate, layers, published_grid, run
+from pipeline import evaluate, layers, published_grid, run, tune_storage
 from pipeline.cli import guard
 from pipeline.load import load_model, resolve_model_path
 from pipeline.tracking import REPO
@@ -219,18 +223,21 @@ def check_objectives(cfg: DictConfig) -> list[str]:
     return objectives
 
 
-def storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
-    url = str(cfg.tune.storage)
-    if url.startswith("sqlite:///"):
-        path = REPO / url.removeprefix("sqlite:///")  # a relative path is under the repository, like mlruns/
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{path}"
-    return optuna.storages.RDBStorage(
-        url,
+def storage(cfg: DictConfig) -> tune_storage.RetryingStorage:
+    """The study storage (pipeline/tune_storage.py), checked to answer now."""
+    return tune_storage.open_storage(
+        str(cfg.tune.storage),
+        connect_timeout_s=int(cfg.tune.connect_timeout_s),
+        retry_s=float(cfg.tune.storage_retry_s),
         heartbeat_interval=int(cfg.tune.heartbeat_s),
         grace_period=int(cfg.tune.grace_period_s),
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
+
+
+def _where(cfg: DictConfig) -> str:
+    """``tune.storage`` as shown in messages, logs and files: without its password."""
+    return tune_storage.shown(tune_storage.storage_url(str(cfg.tune.storage)))
 
 
 def space_size(space: list[dict]) -> int | None:
@@ -262,36 +269,55 @@ def make_sampler(space: list[dict], n_trials: int, seed: int) -> optuna.samplers
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(cfg: DictConfig, name: str, space: list[dict], objectives: list[str], base: list[str]) -> optuna.Study:
-    """Create the study, or load it if it exists with the same search space and objectives."""
+def open_study(
+    cfg: DictConfig,
+    store: optuna.storages.BaseStorage,
+    name: str,
+    space: list[dict],
+    objectives: list[str],
+    base: list[str],
+) -> optuna.Study:
+    """Create the study, or load it if it exists with the same search space and objectives (checked
+    before anything is written: a mismatch changes nothing). Call under ``study_lock``."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=int(cfg.tune.startup_trials))
     single = len(objectives) == 1
     study = optuna.create_study(
         study_name=name,
-        storage=storage(cfg),
+        storage=store,
         load_if_exists=True,
         directions=[DIRECTIONS[o] for o in objectives],
         sampler=make_sampler(space, int(cfg.tune.n_trials), int(cfg.tune.sampler_seed)),
         pruner=pruner if single and cfg.tune.prune else optuna.pruners.NopPruner(),
     )
     attrs = {"search_space": space, "objectives": objectives, "base_overrides": base}
+    stored = study.user_attrs
     for key, value in attrs.items():
-        stored = study.user_attrs.get(key)
-        if stored is None:
-            study.set_user_attr(key, value)
-        elif stored != value:
+        if stored.get(key) is not None and stored[key] != value:
             raise ValueError(
-                f"study {name!r} in {cfg.tune.storage} exists with another {key}: {stored} (now {value}); "
+                f"study {name!r} in {_where(cfg)} exists with another {key}: {stored[key]} (now {value}); "
                 f"pick another tune.study_name or delete the study"
             )
+    for key, value in attrs.items():
+        if stored.get(key) is None:
+            study.set_user_attr(key, value)
     preset = preset_params(cfg, space)
     if preset_trial(study, preset) is None:
         # The preset in every study (a resumed one too): the best trial then never ends worse than the
-        # method's defaults. _spawn opens the study before its workers start, so they find it here.
+        # method's defaults. Under the study lock: workers that open the study together enqueue it once.
         study.enqueue_trial(preset, user_attrs={"preset": True}, skip_if_exists=True)
     study.set_user_attr("experiment", str(cfg.tracking.experiment))
     study.set_user_attr("method", str(cfg.method.name))
     return study
+
+
+def join_study(study: optuna.Study, space: list[dict], n_trials: int, seed: int) -> tuple[int, int]:
+    """This worker's rank in the study (0 for the first worker ever, then 1, 2, ...: a counter in the
+    storage) and its sampler seed, ``seed + rank``: workers never share a seed, and no user picks one.
+    Call under ``study_lock``."""
+    rank = int(study.user_attrs.get("workers_joined", 0))
+    study.set_user_attr("workers_joined", rank + 1)
+    study.sampler = make_sampler(space, n_trials, seed + rank)
+    return rank, seed + rank
 
 
 def parent_run(study: optuna.Study, experiment_id: str, cfg: DictConfig) -> str:
@@ -301,9 +327,7 @@ def parent_run(study: optuna.Study, experiment_id: str, cfg: DictConfig) -> str:
         return run_id
     tags = {"tune.study": study.study_name, "method": cfg.method.name, "family": cfg.method.family}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"study {study.study_name}", tags=tags) as parent:
-        mlflow.log_params(
-            {"tune.storage": cfg.tune.storage, "tune.objectives": list(cfg.tune.objectives), "seed": cfg.seed}
-        )
+        mlflow.log_params({"tune.storage": _where(cfg), "tune.objectives": list(cfg.tune.objectives), "seed": cfg.seed})
         mlflow.log_dict({"search_space": study.user_attrs["search_space"]}, "search_space.json")
     study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
     return parent.info.run_id
@@ -326,7 +350,9 @@ def make_probe(trial: optuna.Trial, eval_cfg: Mapping, windows: int, child: dict
     return probe
 
 
-def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, space: list[dict], sampler_seed: int):
+def objective_fn(
+    cfg_overrides: list[str], study: optuna.Study, parent_id: str, space: list[dict], rank: int, sampler_seed: int
+):
     objectives = study.user_attrs["objectives"]
 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -335,6 +361,7 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
         trial.set_user_attr("overrides", sampled)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("sampler_seed", sampler_seed)
+        trial.set_user_attr("worker_rank", rank)
         cfg = compose_config(overrides)
         if config_on_grid(cfg):
             trial.set_user_attr("skipped", SKIPPED_ON_GRID)
@@ -350,7 +377,11 @@ def objective_fn(cfg_overrides: list[str], study: optuna.Study, parent_id: str, 
             log.info("trial %d: same settings as trial %d; its values, not a second run", trial.number, original)
             return twin.values[0] if len(twin.values) == 1 else tuple(twin.values)
         experiment_id, _, tags, model_path = run.prepare(cfg, overrides)
-        tags |= {"tune.study": study.study_name, "tune.trial": str(trial.number)}
+        tags |= {
+            "tune.study": study.study_name,
+            "tune.trial": str(trial.number),
+            "tune.sampler_seed": str(sampler_seed),
+        }
         name = f"{study.study_name} #{trial.number} " + " ".join(sampled)
         child: dict = {}
         pruning = len(objectives) == 1 and cfg.tune.prune
@@ -449,7 +480,7 @@ def write_best(
     values = ", ".join(f"{k}={v:.4g}" for k, v in zip(study.user_attrs["objectives"], trial.values))
     lines = [
         "# @package _global_",
-        f"# Written by pipeline.tune: study {study.study_name!r} ({cfg.tune.storage}), trial {trial.number}: {values}.",
+        f"# Written by pipeline.tune: study {study.study_name!r} ({_where(cfg)}), trial {trial.number}: {values}.",
         f"# Rerun: python -m pipeline experiment=tuned/{study.study_name}",
         "defaults:",
         *([f"  - /experiment/{experiment}"] if experiment else []),
@@ -514,29 +545,43 @@ def close_stale_runs(study: optuna.Study, parent_id: str) -> list[str]:
     return closed
 
 
-def setup_study(overrides: list[str]) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str]]:
-    """Check the config and search space, open (or create) the study and its MLflow parent run."""
+def setup_study(
+    overrides: list[str], join: bool = False
+) -> tuple[DictConfig, optuna.Study, str, list[dict], list[str], tuple[int, int]]:
+    """Check the config, the storage and the search space, open (or create) the study and its MLflow
+    parent run; ``join``: take a worker rank and its sampler seed (else: rank 0 and the configured seed).
+
+    Study, parent run, preset trial and rank are made under the study lock: processes that start at the
+    same instant, on any machines, make one study, one parent run and one preset trial.
+    """
     cfg = compose_config(overrides)
     experiment_id, *_ = run.prepare(cfg, overrides)  # the run's own checks first: a bad method makes no study
+    store = storage(cfg)  # answers, or an error before the model is loaded
     space = check_space(cfg)
     objectives = check_objectives(cfg)
     name = cfg.tune.study_name or f"{cfg.model.name}-{cfg.method.name}".replace("/", "_")
     base = [o for o in overrides if not o.startswith("tune.")]
-    study = open_study(cfg, name, space, objectives, base)
-    study.set_user_attr("base_experiment", _experiment(overrides))
-    mlflow.set_experiment(experiment_id=experiment_id)  # resuming the parent run checks the active experiment
-    return cfg, study, parent_run(study, experiment_id, cfg), space, base
+    rank, seed = 0, int(cfg.tune.sampler_seed)
+    with tune_storage.study_lock(store, name):
+        study = open_study(cfg, store, name, space, objectives, base)
+        study.set_user_attr("base_experiment", _experiment(overrides))
+        mlflow.set_experiment(experiment_id=experiment_id)  # resuming the parent run checks the active experiment
+        parent_id = parent_run(study, experiment_id, cfg)
+        if join:
+            rank, seed = join_study(study, space, int(cfg.tune.n_trials), seed)
+            log.info("study %s: worker rank %d, sampler seed %d", name, rank, seed)
+    return cfg, study, parent_id, space, base, (rank, seed)
 
 
 def tune(overrides: list[str]) -> optuna.Study:
-    cfg, study, parent_id, space, base = setup_study(overrides)
+    cfg, study, parent_id, space, base, (rank, sampler_seed) = setup_study(overrides, join=True)
     name = study.study_name
     remaining = int(cfg.tune.n_trials) - sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     start = time.perf_counter()
     if remaining > 0:
         log.info("study %s: %d trial(s) to run of %d", name, remaining, cfg.tune.n_trials)
         study.optimize(
-            objective_fn(base, study, parent_id, space, int(cfg.tune.sampler_seed)),
+            objective_fn(base, study, parent_id, space, rank, sampler_seed),
             n_trials=remaining,
             # A trial's error is recorded (FAIL in Optuna, FAILED in MLflow) and the study goes on.
             catch=(ValueError, RuntimeError, ArithmeticError),
@@ -590,13 +635,12 @@ def _spawn(workers: int, overrides: list[str]) -> None:
 
     Each worker gets an equal share of the cores (threads oversubscribed across processes run far slower).
     """
-    cfg, *_ = setup_study(overrides)
+    setup_study(overrides)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    # One sampler seed per worker: with the same seed every worker would sample the same settings.
-    seeds = [f"tune.sampler_seed={int(cfg.tune.sampler_seed) + rank}" for rank in range(workers)]
-    own = [o for o in overrides if not o.startswith(("tune.workers=", "tune.sampler_seed="))]
+    # Each worker takes its own sampler seed from the study (join_study).
+    own = [o for o in overrides if not o.startswith("tune.workers=")]
     cmd = [sys.executable, "-m", "pipeline.tune", *own, "tune.workers=1"]
-    procs = [subprocess.Popen([*cmd, seed], env=env) for seed in seeds]
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"worker exit codes: {codes}")

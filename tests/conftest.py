@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from services import postgres, private_postgres  # noqa: F401 (fixtures for every test module)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

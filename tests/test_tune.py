@@ -343,7 +343,8 @@ def _open(base, name: str, storage: str, cfg=None):
     overrides = [*base[1], "method=group_wise", f"tune.study_name={name}", f"tune.storage={storage}", SCALE_SPACE]
     cfg = tune.compose_config(overrides)
     space = tune.check_space(cfg)
-    return tune.open_study(cfg, name, space, ["kl_vs_ref"], [o for o in overrides if not o.startswith("tune.")])
+    base_overrides = [o for o in overrides if not o.startswith("tune.")]
+    return tune.open_study(cfg, tune.storage(cfg), name, space, ["kl_vs_ref"], base_overrides)
 
 
 SCALE_SPACE = "search.params=[{name:method.scale_dtype,choices:[float16,float32]}]"

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from pipeline import tracking
 from pipeline.cli import guard
 from pipeline.report.write import write_report
+from pipeline.tune_storage import storage_url
 
 CONF = tracking.REPO / "conf"
 
@@ -31,13 +32,6 @@ def compose_config(overrides: list[str]) -> DictConfig:
             return compose(config_name="report", overrides=overrides)
     except HydraException as e:
         raise ValueError(f"bad override(s) {' '.join(overrides)}: {e}") from e
-
-
-def storage_url(url: str) -> str:
-    """An Optuna storage URL; a relative sqlite path is under the repository, as for pipeline.tune."""
-    if url.startswith("sqlite:///"):
-        return f"sqlite:///{tracking.REPO / url.removeprefix('sqlite:///')}"
-    return url
 
 
 def report(overrides: list[str]) -> list[Path]:
