@@ -8,6 +8,7 @@ answers. Settings: conf/services.yaml (overrides ``services.<key>=<value>``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,6 +178,8 @@ def _stop(pid: int, timeout_s: float = 20.0) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it if it is our child (a test's): no zombie
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
