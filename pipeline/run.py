@@ -42,6 +42,8 @@ from pipeline.load import check_fits, load_model, resolve_model_path
 from pipeline.quant import kernels
 
 log = logging.getLogger(__name__)
+# MLflow keeps a run's name in a VARCHAR(250): PostgreSQL refuses a longer one (sqlite does not check).
+RUN_NAME_MAX = 250
 Probe = Callable[[torch.nn.Module, torch.Tensor, evaluate.Scores], None]
 
 
@@ -75,6 +77,11 @@ def check_kernels(container: Mapping, run_device: torch.device) -> None:
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     extra = [o for o in overrides if not o.startswith(("method=", "experiment=", "model="))]
     return " ".join([f"{cfg.model.name}/{cfg.method.name}", *extra])
+
+
+def fit_run_name(name: str) -> str:
+    """``name`` cut to what every MLflow store keeps (the full overrides are the run's tag and params)."""
+    return name if len(name) <= RUN_NAME_MAX else name[: RUN_NAME_MAX - 3] + "..."
 
 
 def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, str], str]:
@@ -133,7 +140,8 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         return tracked_run(cfg, experiment_id, name, tags, model_path, log_file)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"repeat_seeds must be distinct, got {seeds}")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, "repeats": str(seeds)}) as parent:
+    name, tags = fit_run_name(name), {**tags, "repeats": str(seeds)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as parent:
         try:
             mlflow.log_params({**tracking.flatten(container), **tracking.provenance()})
             results = []
@@ -182,7 +190,7 @@ def tracked_run(
     container = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(cfg.seed)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags, nested=nested) as active:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=fit_run_name(name), tags=tags, nested=nested) as active:
         try:
             mlflow.log_params(
                 {**tracking.flatten(container), **tracking.provenance(), "model.resolved_path": model_path}

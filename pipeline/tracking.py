@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import filelock
 import mlflow
+import requests
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.data import corpus_source
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = REPO / "mlruns"
 PACKAGES = (
@@ -51,10 +55,56 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"the MLflow store folder {folder} is not writable; set tracking.uri elsewhere")
 
 
-def connect(uri: str | None = None) -> Path | None:
+# tracking.http keys -> MLflow's client variables (read on every request, so set before the first).
+HTTP_ENV = {
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+HTTP_DEFAULTS = {"max_retries": 5, "backoff_factor": 2, "backoff_jitter": 1.0, "timeout_s": 30}
+
+
+def retry_budget_s(http: Mapping) -> float:
+    """Longest outage one request rides out: urllib3 waits 0, then backoff_factor * 2^k s (k = 1..retries-1),
+    each plus up to backoff_jitter s; the timeouts of attempts that hang come on top."""
+    retries, factor = int(http["max_retries"]), float(http["backoff_factor"])
+    return sum(min(120.0, factor * 2**k) for k in range(1, retries))
+
+
+def configure_http(http: Mapping | None) -> dict[str, str]:
+    """Set MLflow's HTTP retry variables from ``tracking.http`` (missing keys: HTTP_DEFAULTS); return them."""
+    settings = {**HTTP_DEFAULTS, **(http or {})}
+    unknown = set(settings) - set(HTTP_ENV)
+    if unknown:
+        raise ValueError(f"tracking.http: unknown key(s) {sorted(unknown)}; allowed: {sorted(HTTP_ENV)}")
+    if not 0 <= int(settings["max_retries"]) <= 10:
+        raise ValueError(f"tracking.http.max_retries must be 0..10 (MLflow's limit), got {settings['max_retries']}")
+    if not 0 <= int(settings["backoff_factor"]) <= 120:
+        raise ValueError(f"tracking.http.backoff_factor must be 0..120 s, got {settings['backoff_factor']}")
+    if int(settings["timeout_s"]) < 1:
+        raise ValueError(f"tracking.http.timeout_s must be at least 1, got {settings['timeout_s']}")
+    env = {HTTP_ENV[key]: str(value) for key, value in settings.items()}
+    os.environ.update(env)
+    return env
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server must answer its /health endpoint now, before any work (no retries)."""
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is not usable: it does not answer ({type(e).__name__}); start it "
+            f"(python -m pipeline.services up) or set tracking.uri to one that runs"
+        ) from e
+
+
+def connect(uri: str | None = None, http: Mapping | None = None) -> Path | None:
     """Point MLflow at the store; return the artifact root of a local sqlite store.
 
-    Raises before any work if the local store is unwritable.
+    Raises before any work if the local store is unwritable or a tracking server does not answer.
+    A server's requests then retry with bounded backoff (``http``: tracking.http).
     """
     uri = tracking_uri({"uri": uri})
     artifact_root = None
@@ -64,9 +114,14 @@ def connect(uri: str | None = None) -> Path | None:
         artifact_root = (db.parent / "artifacts").resolve()
         _check_writable(artifact_root)
     elif uri.startswith(("http://", "https://")):
-        # Fail fast rather than retrying for minutes against a server that is not there.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        check_server(uri)
+        env = configure_http(http)
+        log.info(
+            "tracking server %s answers; a request retries for up to ~%.0f s (%s)",
+            uri,
+            retry_budget_s({**HTTP_DEFAULTS, **(http or {})}),
+            env,
+        )
     mlflow.set_tracking_uri(uri)
     return artifact_root
 
@@ -81,7 +136,7 @@ def _first_use_lock(uri: str) -> filelock.BaseFileLock | contextlib.nullcontext:
 
 def setup(cfg: Mapping) -> str:
     """Connect, check the store answers, and return the id of ``cfg.experiment`` (created once)."""
-    artifact_root = connect(cfg.get("uri"))
+    artifact_root = connect(cfg.get("uri"), cfg.get("http"))
     name = cfg["experiment"]
     with _first_use_lock(mlflow.get_tracking_uri()):
         return _experiment_id(name, artifact_root)
@@ -96,10 +151,9 @@ def _experiment_id(name: str, artifact_root: Path | None) -> str:
                 return mlflow.create_experiment(
                     name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
                 )
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            except MlflowException as e:  # parallel jobs (a launcher, workers): another one created it first
+                if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                     raise
-                # another process (a tuning worker started at the same instant) created it first
                 experiment = mlflow.get_experiment_by_name(name)
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag existed
             mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)

@@ -40,7 +40,7 @@ def report(overrides: list[str]) -> list[Path]:
     name = str(cfg.report.experiment)
     out_dir = Path(cfg.report.out) if cfg.report.out else tracking.REPO / "experiments" / name
     matplotlib.use("Agg")  # files only; no display needed
-    tracking.connect(cfg.tracking.uri)
+    tracking.connect(cfg.tracking.uri, cfg.tracking.get("http"))
     written = write_report(name, out_dir, storage_url(str(cfg.tune.storage)), bool(cfg.report.allow_mixed))
     print((out_dir / "methods.md").read_text() + "\n" + (out_dir / "precision.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
