@@ -15,6 +15,7 @@ from conftest import layers_cfg, method_cfg, tiny_llama
 
 from pipeline import calibrate, evaluate, generation, layers, quantize, train
 from pipeline.device import module_device
+from pipeline.reference_store import FULL
 
 EVAL = {"context": 32, "stride": 32, "kl_tokens": 16, "batch_size": 2}
 
@@ -47,13 +48,12 @@ def test_every_stage_keeps_its_tensors_on_the_models_device(name):
     batches, tokens = _batches(), _batches(2, 64, seed=1).reshape(-1)
     names = list(layers.select_layers(model, layers_cfg())[0])
     with default_device_trap():
-        reference = evaluate.score(model, tokens, EVAL)
+        reference = evaluate.score(model, tokens, EVAL, store=FULL)
         stats = None
         if quantize.needs_calibration(method) and method.get("activations"):
             stats = calibrate.collect_activation_stats(model, names, batches, seed=0)
         quantize.quantize_model(model, method, layers_cfg(), stats, calibration=batches)
-        scores = evaluate.score(model, tokens, EVAL)
-        evaluate.kl_vs_reference(scores.logprobs, reference)
+        scores = evaluate.score(model, tokens, EVAL, reference=reference)  # the KL against it, window by window
         generated = generation.greedy(model, tokens[:8].reshape(1, 8), 4)
     assert module_device(model).type == "cpu"
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
