@@ -205,7 +205,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
     store = reference_store.resolve_store(eval_cfg, evaluate.vocab_size(model))
-    mlflow.log_param("eval.reference_store", store.name)
+    mlflow.log_param("eval.reference_store_used", store.name)
     cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos, store)
     reference = evaluate.load_or_compute_reference(cache, model, tokens, eval_cfg, bos, store)
     reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
