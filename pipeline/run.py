@@ -232,7 +232,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 
     tokens = evaluate.evaluation_tokens(tokenizer, eval_cfg, container["data"])
     store = reference_store.resolve_store(eval_cfg, evaluate.vocab_size(model))
-    mlflow.log_param("eval.reference_store", store.name)
+    mlflow.log_param("eval.reference_store_used", store.name)
     cache = evaluate.reference_cache_path(model_path, cfg.model.dtype, eval_cfg, container["data"], bos, store)
     prompts, new_tokens = list(eval_cfg["generation"]["prompts"]), int(eval_cfg["generation"]["new_tokens"])
     start = time.perf_counter()
