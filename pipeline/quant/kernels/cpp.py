@@ -88,8 +88,15 @@ def compile_library(stem: str, library: str, cflags: tuple[str, ...] = CFLAGS) -
     from torch.utils import cpp_extension  # imported here: it is slow and only needed to build
 
     source = SOURCES / f"{stem}.cpp"
-    _put_ninja_on_path()
     directory = build_directory(library, source, cflags)
+    built = directory / f"{library}.so"
+    if built.is_file():
+        # The directory's name hashes the source, flags, torch and CPU, so this build is the one we
+        # want: load it without cpp_extension.load, whose lock file (taken even when nothing is
+        # rebuilt) stays behind when a process is killed holding it and then blocks every later load.
+        torch.ops.load_library(str(built))
+        return
+    _put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=library,
