@@ -5,9 +5,10 @@ makes creating a study (and its parent run and preset trial) race-free across pr
 - ``postgresql://<user>[:<password>]@<host>:<port>/<database>``: workers on any number of machines
   (the psycopg 3 driver; ``postgresql+psycopg://`` is the same). Other databases are refused.
 
-The storage is checked to answer when it is opened (``tune.connect_timeout_s``); afterwards a call that
-fails because the database went away (a restart, a dropped connection) is retried with backoff for up to
-``tune.storage_retry_s`` seconds, on a fresh connection (pool pre-ping), before the error is raised.
+The storage is checked to answer when it is opened (``tune.connect_timeout_s``); afterwards, on
+PostgreSQL, a call that fails because the database went away (a restart, a dropped connection) is retried
+with backoff for up to ``tune.storage_retry_s`` seconds, on a fresh connection (pool pre-ping), before the
+error is raised. sqlite calls are not retried.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def open_storage(setting: str, *, connect_timeout_s: int, retry_s: float, **hear
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         (REPO / url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        retry_s = 0.0  # a local file has no restart to outlive; a locked database fails as before
     else:
         # pre-ping: a pooled connection that a database restart closed is replaced, not used
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": connect_timeout_s}}
