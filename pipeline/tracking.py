@@ -196,6 +196,8 @@ def provenance() -> dict[str, str]:
         "host.python": platform.python_version(),
         "host.platform": platform.platform(),
         "host.cpu_count": str(os.cpu_count()),
+        "host.name": platform.node(),
+        "host.pid": str(os.getpid()),  # which process ran it (a launcher's or tuning worker's job)
         "host.processor": _cpu_model(),
     }
     for package in PACKAGES:
