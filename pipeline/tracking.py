@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -87,6 +88,14 @@ def configure_http(http: Mapping | None) -> dict[str, str]:
     return env
 
 
+def _create_tables_once(db: Path) -> None:
+    """Create a new sqlite store's tables in one process at a time: parallel jobs (a launcher's) that
+    open a new store together race in MLflow's migrations (seen: table _alembic_tmp_experiments already exists)."""
+    with open(db.parent / f"{db.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        mlflow.MlflowClient().search_experiments(max_results=1)
+
+
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
     """A tracking server must answer its /health endpoint now, before any work (no retries)."""
     try:
@@ -111,6 +120,8 @@ def connect(uri: str | None = None, http: Mapping | None = None) -> Path | None:
         _check_writable(db.parent)
         artifact_root = (db.parent / "artifacts").resolve()
         _check_writable(artifact_root)
+        mlflow.set_tracking_uri(uri)
+        _create_tables_once(db)
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
         env = configure_http(http)

@@ -260,7 +260,7 @@ def test_a_multirun_launcher_runs_each_job_in_its_own_process_as_one_mlflow_run(
     sweep = subprocess.Popen(
         args, cwd=REPO, env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    out, _ = sweep.communicate(timeout=400)
+    out, _ = sweep.communicate(timeout=540)
     assert sweep.returncode == 0, out[-3000:]
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
