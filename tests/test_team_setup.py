@@ -160,6 +160,34 @@ def test_a_run_rides_out_a_server_restart_and_finishes_with_every_metric(stack, 
     assert result.data.params["tracking.http.max_retries"] == "5"  # the retry settings are logged
 
 
+def test_an_outage_past_the_retries_fails_the_run_with_what_it_logged_if_the_server_is_back_for_its_end(
+    stack, monkeypatch
+):
+    """The end-of-run call retries too: back within its budget, the run ends FAILED; never back, it stays RUNNING."""
+    import threading
+
+    mlflow.set_tracking_uri(services.server_url(stack))
+    experiment_id = mlflow.create_experiment(f"outage{uuid.uuid4().hex[:6]}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # waits up to 2+4+8+16 s
+    with pytest.raises(RuntimeError), mlflow.start_run(experiment_id=experiment_id) as failed:
+        mlflow.log_metric("before", 1.0)
+        _kill_server(stack)
+        threading.Timer(2.0, services.up, [stack]).start()  # back while the end-of-run call retries
+        raise RuntimeError("a stage fails while the server is down")
+    run = mlflow.get_run(failed.info.run_id)
+    assert run.info.status == "FAILED" and run.data.metrics == {"before": 1.0}
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # waits up to 2 s: shorter than the outage
+    with pytest.raises(mlflow.exceptions.MlflowException), mlflow.start_run(experiment_id=experiment_id) as stuck:
+        mlflow.log_metric("before", 1.0)
+        _kill_server(stack)
+        mlflow.log_metric("during", 2.0)
+    services.up(stack)
+    run = mlflow.get_run(stuck.info.run_id)
+    assert run.info.status == "RUNNING" and run.data.metrics == {"before": 1.0}  # what it logged is kept
+
+
 def test_a_tracking_server_that_is_down_at_start_is_an_error_before_any_work(tiny_model):
     start = time.perf_counter()
     run = _pipeline(tiny_model, f"http://127.0.0.1:{free_port()}")
