@@ -251,24 +251,6 @@ def test_ray_tasks_on_two_nodes_share_one_study_on_postgresql_and_the_server(sta
     assert {r.info.status for r in trial_runs} == {"FINISHED"}
 
 
-def test_a_ray_share_no_node_has_is_refused_before_any_study_is_made(stack, tiny_model, ray_cluster):
-    name = f"ray{uuid.uuid4().hex[:6]}"
-    storage, uri = (o.split("=", 1)[1] for o in services.worker_overrides(stack))
-    args = [*_pipeline_args(tiny_model, uri), f"tune.storage={storage}", f"tune.study_name={name}", "tune.engine=ray"]
-    args[2] = "pipeline.tune"
-    for share, said in (("tune.ray.num_gpus=1", "has 0 GPU(s)"), ("tune.ray.num_cpus=0", "must be > 0")):
-        done = subprocess.run(
-            [*args, f"tune.ray.address={ray_cluster.address}", share],
-            cwd=REPO,
-            env=_env(tiny_model),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 2 and "error: tune.ray." in done.stderr and said in done.stderr, done.stderr[-2000:]
-    assert name not in optuna.get_all_study_names(storage)
-
-
 @pytest.mark.slow  # ~1 min each: two tiny runs in parallel
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_a_multirun_launcher_runs_each_job_in_its_own_process_as_one_mlflow_run(launcher, tiny_model, tmp_path):
