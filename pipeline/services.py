@@ -93,7 +93,7 @@ def server_command(cfg: DictConfig) -> list[str]:
     ]
     if mlflow_cfg.allowed_hosts:
         cmd += ["--allowed-hosts", str(mlflow_cfg.allowed_hosts)]
-    return cmd
+    return cmd + [str(arg) for arg in mlflow_cfg.extra_args]
 
 
 def server_url(cfg: DictConfig) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -89,6 +88,13 @@ def configure_http(http: Mapping | None) -> dict[str, str]:
     return env
 
 
+def _create_tables_once(db: Path) -> None:
+    """Create a new sqlite store's tables in one process at a time: parallel jobs (a launcher's) that
+    open a new store together race in MLflow's migrations (seen: table _alembic_tmp_experiments already exists)."""
+    with filelock.FileLock(db.parent / f"{db.name}.lock"):  # released by the OS if its holder dies
+        mlflow.MlflowClient().search_experiments(max_results=1)
+
+
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
     """A tracking server must answer its /health endpoint now, before any work (no retries)."""
     try:
@@ -113,6 +119,8 @@ def connect(uri: str | None = None, http: Mapping | None = None) -> Path | None:
         _check_writable(db.parent)
         artifact_root = (db.parent / "artifacts").resolve()
         _check_writable(artifact_root)
+        mlflow.set_tracking_uri(uri)
+        _create_tables_once(db)
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
         env = configure_http(http)
@@ -126,20 +134,10 @@ def connect(uri: str | None = None, http: Mapping | None = None) -> Path | None:
     return artifact_root
 
 
-def _first_use_lock(uri: str) -> filelock.BaseFileLock | contextlib.nullcontext:
-    """A local sqlite store is created on first use: processes starting together (tuning workers) take
-    turns, or several would create its tables at once and fail."""
-    if uri.startswith("sqlite:///"):
-        return filelock.FileLock(uri.removeprefix("sqlite:///") + ".lock")
-    return contextlib.nullcontext()
-
-
 def setup(cfg: Mapping) -> str:
     """Connect, check the store answers, and return the id of ``cfg.experiment`` (created once)."""
     artifact_root = connect(cfg.get("uri"), cfg.get("http"))
-    name = cfg["experiment"]
-    with _first_use_lock(mlflow.get_tracking_uri()):
-        return _experiment_id(name, artifact_root)
+    return _experiment_id(cfg["experiment"], artifact_root)
 
 
 def _experiment_id(name: str, artifact_root: Path | None) -> str:
@@ -211,6 +209,8 @@ def provenance() -> dict[str, str]:
         "host.python": platform.python_version(),
         "host.platform": platform.platform(),
         "host.cpu_count": str(os.cpu_count()),
+        "host.name": platform.node(),
+        "host.pid": str(os.getpid()),  # which process ran it (a launcher's or tuning worker's job)
         "host.processor": _cpu_model(),
         **gpu_provenance(),
     }

@@ -2,7 +2,7 @@
 
 The command line is Hydra overrides only, as for ``python -m pipeline``: ``experiment=<name>`` composes
 that experiment last (see conf/tune.yaml for how its ``tracking.experiment`` is treated);
-``tune.workers=N`` starts N processes on one study.
+``tune.workers=N`` starts N processes on one study (``tune.engine=ray``: N Ray tasks, see conf/tune.yaml).
 
 The search space is ``conf/search/<method>.yaml`` (a list of ``{name: <config key>, ...}``: ``choices``
 for a categorical, ``low``/``high`` (+ ``step`` or ``log``) for numbers). Each trial composes the
@@ -82,6 +82,8 @@ FINISHED = (COMPLETE, PRUNED, FAIL)
 # MLflow experiment, whose report would otherwise mix trials with its rows.
 TUNE_EXPERIMENT = str(OmegaConf.load(CONF / "tune.yaml").tracking.experiment)
 SKIPPED_ON_GRID = "on_published_grid"
+# How tune.workers run: local processes on this machine (_spawn), or Ray tasks (pipeline/ray_workers.py).
+ENGINES = ("local", "ray")
 
 
 def _experiment(overrides: list[str]) -> str | None:
@@ -621,10 +623,17 @@ def _main(overrides: list[str]) -> None:
             f"pipeline.tune takes Hydra overrides (key=value) like python -m pipeline, not {flags}; "
             f"e.g. tune.workers=2 for two processes on one study"
         )
-    workers = compose_config(overrides).tune.workers
+    cfg = compose_config(overrides)
+    workers, engine = cfg.tune.workers, cfg.tune.engine
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"tune.workers must be a positive integer, got {workers!r}")
-    if workers > 1:
+    if engine not in ENGINES:
+        raise ValueError(f"tune.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray":
+        from pipeline import ray_workers  # Ray is imported only when asked for
+
+        ray_workers.run(cfg, workers, overrides)
+    elif workers > 1:
         _spawn(workers, overrides)
     else:
         tune(overrides)
