@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 
 from pipeline import calibrate, device, layers, quantize, stats, tracking
 from pipeline.data import calibration_batches
+from pipeline.device import torch_threads
 from pipeline.evaluate import evaluation_tokens
 from pipeline.generation import CompiledDecoder, greedy
 from pipeline.load import load_model
-from pipeline.profile import torch_threads
 from pipeline.tune import CONF
 
 OUT = Path(__file__).resolve().parents[1] / "experiments" / "compiled_decode" / "README.md"

@@ -22,10 +22,10 @@ from transformers import DynamicCache
 
 from pipeline import calibrate, layers, quantize
 from pipeline.data import calibration_batches
+from pipeline.device import torch_threads
 from pipeline.evaluate import evaluation_tokens
 from pipeline.generation import greedy
 from pipeline.load import load_model
-from pipeline.profile import torch_threads
 from pipeline.quant.linear import QuantLinear
 from pipeline.tune import CONF
 

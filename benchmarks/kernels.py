@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pipeline import stats, tracking
 from pipeline.bandwidth import read_bandwidth_gb_s
-from pipeline.profile import torch_threads
+from pipeline.device import torch_threads
 from pipeline.quant import kernels
 from pipeline.quant.activation import ActivationQuant
 from pipeline.quant.linear import QuantLinear

@@ -8,6 +8,9 @@ cannot run, is an error that names the way out.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -67,3 +70,14 @@ def resolve(cfg: DictConfig) -> torch.device:
         cfg.device = str(device)
         cfg.model.dtype = dtype
     return device
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

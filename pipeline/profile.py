@@ -27,7 +27,6 @@ import logging
 import statistics
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from pipeline import bandwidth, energy, stats
 from pipeline.cost import usd_per_1m_tokens
-from pipeline.device import module_device
+from pipeline.device import module_device, torch_threads
 from pipeline.generation import CompiledDecoder, Generation, greedy
 from pipeline.layers import embedding_modules, storage_ptr
 from pipeline.progress import progress
@@ -173,16 +172,6 @@ def _status_mb(field: str) -> float:
 
 
 # -- speed --------------------------------------------------------------------------------------
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def profile_metrics(
     model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping
 ) -> tuple[dict[str, float], str]:

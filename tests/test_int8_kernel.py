@@ -5,7 +5,7 @@ import torch
 from conftest import layers_cfg, method_cfg
 
 from pipeline import calibrate, layers, quantize
-from pipeline.profile import torch_threads
+from pipeline.device import torch_threads
 from pipeline.quant import kernels
 from pipeline.quant.activation import ActivationQuant, quantize_activation
 from pipeline.quant.kernels import cpp, int8_cpu

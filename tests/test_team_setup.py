@@ -202,8 +202,11 @@ def test_a_tracking_server_that_is_down_at_start_is_an_error_before_any_work(tin
 def ray_cluster():
     """A real local Ray cluster: a head and a second node, 1 CPU each, as separate processes on this machine.
 
-    On its own address, not 127.0.0.1: Ray turns a loopback address into the machine's before a driver
-    connects, so a cluster bound to 127.0.0.1 is never reached (seen: the driver waited on 192.0.2.2)."""
+    On 127.0.0.1 only: by default Ray on Linux replaces a loopback address with the machine's own (its
+    multi-machine mode), and a driver then looks for its node there and waits for ever (seen). Ray's
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every node, the driver (which inherits os.environ) and
+    their workers on loopback; set before Ray is first imported in this process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray.cluster_utils import Cluster
 
     node = {
@@ -238,7 +241,8 @@ def test_ray_tasks_on_two_nodes_share_one_study_on_postgresql_and_the_server(sta
     assert done.returncode == 0, done.stderr[-3000:]
     # 1 CPU per task and 1 per node: the two tasks ran on the two nodes, as two processes
     placed = [line.split() for line in done.stdout.splitlines() if line.startswith("ray worker")]
-    assert len(placed) == 2 and placed[0][3] != placed[1][3] and placed[0][4] != placed[1][4]
+    # "ray worker <rank>: node <node id> <host:pid> trials [...]"
+    assert len(placed) == 2 and placed[0][4] != placed[1][4] and placed[0][5] != placed[1][5]
     study = optuna.load_study(study_name=name, storage=storage)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 2
     assert len({t.user_attrs["sampler_seed"] for t in study.trials}) == 2  # one seed per worker

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 
+from pipeline.device import torch_threads
 from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 
 
@@ -145,7 +144,7 @@ def gptq_quantize(
         sub_zero = None if zero is None else zero[q0:q1]
         return _sweep(w[r0:r1], hinv, perm, scale[q0:q1], sub_zero, spec, block_size, block, dynamic)
 
-    with _intra_op_threads(1):
+    with torch_threads(1):
         if len(slices) == 1:
             parts = [sweep(slices[0])]
         else:
@@ -153,16 +152,6 @@ def gptq_quantize(
                 parts = list(pool.map(sweep, slices))
     timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - start
     return torch.cat(parts)[:, torch.argsort(perm)], scale, zero
-
-
-@contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sweep(
