@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.checkpoint import codecs
 from pipeline.checkpoint.atomic import atomic_dir
+from pipeline.device import DTYPES, module_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,14 @@ def save_checkpoint(model: nn.Module, target: Path, info: Mapping) -> dict:
         raise ValueError(
             "a checkpoint needs info['base_model'] with at least its dtype: loading builds the model from it"
         )
+    # the concrete dtype the model was loaded in (a config may say auto), which loading rebuilds it in
+    base = {**info["base_model"], "dtype": resolve_dtype(info["base_model"]["dtype"], module_device(model))}
     tensors, aliases = model_tensors(model)
     manifest = {
         "format": "quantbench-checkpoint",
         "format_version": FORMAT_VERSION,
         **info,
+        "base_model": base,
         "modules": module_entries(model),
         "kept": getattr(model, "quantbench_kept", None),  # how layers left float are stored and computed
         "aliases": aliases,
@@ -153,8 +157,6 @@ def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> Loaded:
     base = manifest["base_model"]
     trust = bool(base.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
-    from pipeline.device import DTYPES
-
     with no_init_weights():  # every weight is overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[base["dtype"]], trust_remote_code=trust)
     model.eval()
