@@ -607,5 +607,5 @@ def quantize_model(
         kept_matrices = [m for m in kept_matrices if m.name not in quantized_names]
     store_kept(model, store_dtype, activation_dtype)
     kernels_used = sorted({r.kernel for r in records if r.kernel})
-    log.info("quantized %d layers (%s); kept: %s", len(selected), ", ".join(kernels_used), describe_kept(model))
+    log.info("quantized %d layers (%s); kept: %s", len(records), ", ".join(kernels_used), describe_kept(model))
     return _kept_records(kept_matrices, kept) + records

@@ -140,8 +140,9 @@ def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None
         return tracked_run(cfg, experiment_id, name, tags, model_path, log_file)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"repeat_seeds must be distinct, got {seeds}")
-    name, tags = fit_run_name(name), {**tags, "repeats": str(seeds)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as parent:
+    name = fit_run_name(name)
+    # the parent alone carries `repeats` (the report and readers tell it from its per-seed children by it)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, "repeats": str(seeds)}) as parent:
         try:
             mlflow.log_params({**tracking.flatten(container), **tracking.provenance()})
             results = []
