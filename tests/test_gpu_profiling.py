@@ -15,8 +15,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_settle_stops_when_two_runs_agree_or_the_time_is_up():
     model = tiny_llama()
     prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
-    # any two runs agree within 1000%: the second run settles it
-    assert profile.settle(model, prompt, 2, {"tolerance_pct": 1000.0, "min_s": 0.0, "max_s": 60.0}) == 2
+    # any two runs agree within an infinite tolerance: the second run settles it (a finite one, even
+    # 1000%, failed on a loaded CI machine where one run took over 11x another)
+    assert profile.settle(model, prompt, 2, {"tolerance_pct": float("inf"), "min_s": 0.0, "max_s": 60.0}) == 2
     # no two runs agree within -1%: stops at max_s, having run at least once
     assert profile.settle(model, prompt, 2, {"tolerance_pct": -1.0, "min_s": 0.0, "max_s": 0.0}) == 1
 
