@@ -15,7 +15,9 @@ output, so an early difference compounds. For each fixed prompt both models deco
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +26,8 @@ from transformers import DynamicCache, StaticCache
 from pipeline.device import module_device
 from pipeline.energy import Meter, Usage
 from pipeline.memory_peak import synchronize
+
+T = TypeVar("T")
 
 NGRAM = 3
 DEGENERATE = 0.5
@@ -50,26 +54,34 @@ def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, meter: Meter
     device = module_device(model)
     prompt = prompt.to(device)
     cache = DynamicCache(config=model.config)
-    synchronize(device)
-    metered = meter.start() if meter else None
-    start = time.perf_counter()
-    out = model(input_ids=prompt, cache=cache, use_cache=True)
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
-    prefill_usage = meter.stop(metered) if meter else None
+    out, prefill_s, prefill_usage = _timed(device, meter, lambda: model(input_ids=prompt, cache=cache, use_cache=True))
     next_ids = out.logits[:, -1:].argmax(-1)
-    generated = [next_ids]
-    metered = meter.start() if meter else None
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):  # the cache object grows in place
-        out = model(input_ids=next_ids, cache=cache, use_cache=True)
-        next_ids = out.logits[:, -1:].argmax(-1)
-        generated.append(next_ids)
-    synchronize(device)
-    decode_s = time.perf_counter() - start
-    decode_usage = meter.stop(metered) if meter else None
+    # the cache object grows in place
+    generated, decode_s, decode_usage = _timed(device, meter, lambda: _steps(model, next_ids, cache, new_tokens))
     rows = torch.cat(generated, dim=1).tolist()
     return [Generation(row, prefill_s, decode_s, prefill_usage, decode_usage) for row in rows]
+
+
+def _timed(device: torch.device, meter: Meter | None, work: Callable[[], T]) -> tuple[T, float, Usage | None]:
+    """``work()`` as one timed window, synchronized at both ends and metered just outside the timing:
+    (its result, seconds, the meter's reading or None)."""
+    synchronize(device)
+    metered = meter.start() if meter else None
+    start = time.perf_counter()
+    result = work()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return result, seconds, (meter.stop(metered) if meter else None)
+
+
+def _steps(step: Callable, next_ids: torch.Tensor, cache, new_tokens: int) -> list[torch.Tensor]:
+    """The greedy decode steps after the prefill's token ``next_ids``: every token, that one first."""
+    generated = [next_ids]
+    for _ in range(new_tokens - 1):
+        out = step(input_ids=next_ids, cache=cache, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(-1)
+        generated.append(next_ids)
+    return generated
 
 
 class CompiledDecoder:
@@ -98,15 +110,10 @@ class CompiledDecoder:
         device = module_device(self.model)
         prompt = prompt.to(device)
         self.cache.reset()
-        synchronize(device)
-        metered = meter.start() if meter else None
-        start = time.perf_counter()
-        out = self.model(input_ids=prompt, cache=self.cache, use_cache=True)
-        synchronize(device)
-        prefill_s = time.perf_counter() - start
-        prefill_usage = meter.stop(metered) if meter else None
+        out, prefill_s, prefill_usage = _timed(
+            device, meter, lambda: self.model(input_ids=prompt, cache=self.cache, use_cache=True)
+        )
         next_ids = out.logits[:, -1:].argmax(-1)
-        generated = [next_ids]
         if self.compile_s is None:  # the first step compiles: outside the timed window
             first = time.perf_counter()
             self.step(input_ids=next_ids, cache=self.cache, use_cache=True)
@@ -114,15 +121,9 @@ class CompiledDecoder:
             self.compile_s = time.perf_counter() - first
             self.cache.reset()
             return self(prompt, new_tokens, meter)
-        metered = meter.start() if meter else None
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = self.step(input_ids=next_ids, cache=self.cache, use_cache=True)
-            next_ids = out.logits[:, -1:].argmax(-1)
-            generated.append(next_ids)
-        synchronize(device)
-        decode_s = time.perf_counter() - start
-        decode_usage = meter.stop(metered) if meter else None
+        generated, decode_s, decode_usage = _timed(
+            device, meter, lambda: _steps(self.step, next_ids, self.cache, new_tokens)
+        )
         rows = torch.cat(generated, dim=1).tolist()
         return [Generation(row, prefill_s, decode_s, prefill_usage, decode_usage) for row in rows]
 
