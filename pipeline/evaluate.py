@@ -297,8 +297,6 @@ def load_or_compute_reference(
 
     Computed by one process; others asking at the same time wait for it and read its file.
     """
-    # The windows follow from the protocol, which the cache key holds.
-    spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
 
     def compute() -> Scores:
         log.info("computing reference outputs (%s, cached at %s)", store.name, path)
@@ -307,24 +305,33 @@ def load_or_compute_reference(
     def write(scores: Scores, tmp: Path) -> None:
         save_file({"tokens": tokens, "nll": scores.nll, "argmax": scores.argmax, **scores.distribution.tensors()}, tmp)
 
-    def read(cached_path: Path) -> Scores:
-        log.info("reference outputs from cache %s", cached_path)
-        cached = load_file(cached_path)
-        if not torch.equal(cached["tokens"], tokens):
-            raise RuntimeError(f"reference cache {cached_path} was built on other tokens; delete it and rerun")
-        distribution = ReferenceDist.from_tensors(cached)
-        rows = distribution.rows
-        return Scores(
-            cached["nll"],
-            cached["argmax"],
-            torch.zeros(rows),
-            window_index(spans),
-            bos_token_id,
-            torch.zeros(rows),
-            distribution,
-        )
+    return cachefile.compute_once(
+        path, compute, write, lambda cached: read_reference(cached, tokens, eval_cfg, bos_token_id)
+    )
 
-    return cachefile.compute_once(path, compute, write, read)
+
+def read_reference(path: Path, tokens: torch.Tensor, eval_cfg: Mapping, bos_token_id: int | None) -> Scores:
+    """The reference's scores as ``load_or_compute_reference`` cached them at ``path`` (never computed here:
+    a run reads them back after quantizing, when the model is no longer the reference)."""
+    if not path.exists():
+        raise RuntimeError(f"reference cache {path} is gone (deleted while the run was quantizing?); rerun")
+    log.info("reference outputs from cache %s", path)
+    cached = load_file(path)
+    if not torch.equal(cached["tokens"], tokens):
+        raise RuntimeError(f"reference cache {path} was built on other tokens; delete it and rerun")
+    distribution = ReferenceDist.from_tensors(cached)
+    rows = distribution.rows
+    # The windows follow from the protocol, which the cache key holds.
+    spans = windows(tokens.numel(), int(eval_cfg["context"]), int(eval_cfg["stride"]))
+    return Scores(
+        cached["nll"],
+        cached["argmax"],
+        torch.zeros(rows),
+        window_index(spans),
+        bos_token_id,
+        torch.zeros(rows),
+        distribution,
+    )
 
 
 def kl_on_prefix(model, tokens: torch.Tensor, reference: Scores, eval_cfg: Mapping) -> float:

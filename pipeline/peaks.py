@@ -15,7 +15,7 @@ import torch
 
 from pipeline.profile import peak_rss_mb, reset_peak_rss
 
-STAGES = ("load", "reference", "calibrate", "quantize", "evaluate", "profile", "ship")
+STAGES = ("load", "reference", "profile_reference", "calibrate", "quantize", "evaluate", "profile", "ship")
 
 
 @contextmanager

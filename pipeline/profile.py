@@ -27,8 +27,10 @@ import logging
 import statistics
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -172,11 +174,52 @@ def _status_mb(field: str) -> float:
 
 
 # -- speed --------------------------------------------------------------------------------------
+REFERENCE_MODES = ("auto", "reload", "before_quantize")
+# auto reloads the float model for interleaved timing when its weights take at most this share of the
+# device's total memory (a machine property, so the same config on the same machine picks the same way)
+RELOAD_MAX_SHARE = 0.25
+
+
+def check_reference_mode(cfg: Mapping) -> None:
+    if cfg["reference"] not in REFERENCE_MODES:
+        raise ValueError(f"profile.reference must be one of {', '.join(REFERENCE_MODES)}, got {cfg['reference']!r}")
+
+
+def reference_mode(cfg: Mapping, float_bytes: int, device: torch.device) -> str:
+    """``profile.reference`` resolved: ``reload`` (a second float model, timed interleaved with the
+    quantized one: paired) or ``before_quantize`` (the model itself timed before it is quantized: no
+    second copy, unpaired). ``auto`` reloads when the float weights fit ``RELOAD_MAX_SHARE`` of the
+    device's total memory."""
+    check_reference_mode(cfg)
+    if cfg["reference"] != "auto":
+        return cfg["reference"]
+    total = (
+        torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cuda"
+        else psutil.virtual_memory().total
+    )
+    return "reload" if float_bytes <= RELOAD_MAX_SHARE * total else "before_quantize"
+
+
+@dataclass
+class ReferenceTiming:
+    """The float model's timings, taken before quantization (``profile.reference=before_quantize``):
+    per batch, ``runs`` (``ref_a`` and ``ref_b``, back to back per repeat), ``compiled`` (the same,
+    decode seconds of the compiled loop, and ``compile_s``), and the bytes a decode step reads."""
+
+    runs: dict[int, dict[str, list[Generation]]]
+    compiled: dict[int, dict[str, list[float] | float]]
+    settle_runs: dict[int, int]
+    bytes_read_per_token: int
+
+
 def profile_metrics(
-    model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping
+    model: nn.Module, reference: nn.Module | ReferenceTiming, tokens: torch.Tensor, cfg: Mapping
 ) -> tuple[dict[str, float], str]:
     """The profile stage's numbers and the ``energy_source`` tag: the memory bandwidth, speed with CPU time
-    and energy over the same windows, the bandwidth floor of decode and the cost per token."""
+    and energy over the same windows, the bandwidth floor of decode and the cost per token.
+
+    ``reference``: the float model (timed interleaved), or its ``ReferenceTiming`` from before quantization."""
     meter = energy.meter_for(model, cfg["energy"])
     with torch_threads(int(cfg["threads"])):  # the floor's bandwidth with the decode's thread count
         gb_s = bandwidth.read_bandwidth_gb_s(
@@ -184,9 +227,12 @@ def profile_metrics(
         )
     metrics = speed_metrics(model, reference, tokens, cfg, meter)
     batches = list(cfg["batch_sizes"])
-    metrics |= floor_metrics(
-        metrics, batches, gb_s, bandwidth.bytes_read_per_token(model), bandwidth.bytes_read_per_token(reference)
+    ref_bytes = (
+        reference.bytes_read_per_token
+        if isinstance(reference, ReferenceTiming)
+        else bandwidth.bytes_read_per_token(reference)
     )
+    metrics |= floor_metrics(metrics, batches, gb_s, bandwidth.bytes_read_per_token(model), ref_bytes)
     metrics |= cost_metrics(metrics, batches, float(cfg["cost"]["usd_per_hour"]))
     return metrics, meter.source
 
@@ -217,10 +263,74 @@ def cost_metrics(speed: Mapping[str, float], batch_sizes: list[int], usd_per_hou
     return {f"usd_per_1m_tokens{n}": usd_per_1m_tokens(usd_per_hour, speed[f"decode_tok_s{n}"]) for n in names}
 
 
+def _check_timing(cfg: Mapping) -> tuple[int, int, int, int]:
+    """(prompt_tokens, decode_tokens, warmup, repeats) of ``profile``."""
+    repeats = int(cfg["repeats"])
+    if repeats < 1:
+        raise ValueError(f"profile.repeats must be at least 1 (2 or more for intervals), got {repeats}")
+    if repeats < 2:
+        log.warning("profile.repeats=1: speed-ups are logged without intervals or a win/noise verdict")
+    return int(cfg["prompt_tokens"]), int(cfg["decode_tokens"]), int(cfg["warmup"]), repeats
+
+
+def _prompt(tokens: torch.Tensor, batch: int, prompt_len: int) -> torch.Tensor:
+    if tokens.numel() < batch * prompt_len:
+        raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
+    return tokens[: batch * prompt_len].reshape(batch, prompt_len)
+
+
+def _timed(
+    order: list[tuple[str, nn.Module]], prompt: torch.Tensor, cfg: Mapping, meter: energy.Meter | None, label: str
+) -> dict[str, list[Generation]]:
+    """Each model of ``order`` in turn per repeat (after ``warmup`` untimed repeats): their generations."""
+    _, decode_tokens, warmup, repeats = _check_timing(cfg)
+    runs: dict[str, list[Generation]] = {key: [] for key, _ in order}
+    for i in progress(range(warmup + repeats), label, "repeat"):
+        for key, m in order:
+            run = greedy(m, prompt, decode_tokens + 1, meter)[0]  # decode_tokens steps after the prefill's token
+            if i >= warmup:
+                runs[key].append(run)
+    return runs
+
+
+def _settle(model: nn.Module, prompt: torch.Tensor, cfg: Mapping) -> int | None:
+    """Warm an idle GPU up before timing on it (``settle``); None on a CPU."""
+    if module_device(model).type != "cuda":
+        return None
+    return settle(model, prompt, int(cfg["decode_tokens"]), cfg["settle"])
+
+
+def time_reference(reference: nn.Module, tokens: torch.Tensor, cfg: Mapping) -> ReferenceTiming:
+    """``profile.reference=before_quantize``: time the float model now, reference A then B per repeat,
+    so that the profile stage needs no second copy of it once the model is quantized."""
+    meter = energy.meter_for(reference, cfg["energy"])
+    prompt_len = _check_timing(cfg)[0]
+    timing = ReferenceTiming({}, {}, {}, bandwidth.bytes_read_per_token(reference))
+    with torch_threads(int(cfg["threads"])):
+        for batch in cfg["batch_sizes"]:
+            prompt = _prompt(tokens, batch, prompt_len)
+            settled = _settle(reference, prompt, cfg)
+            if settled is not None:
+                timing.settle_runs[batch] = settled
+            order = [("ref_a", reference), ("ref_b", reference)]
+            timing.runs[batch] = _timed(
+                order, prompt, cfg, meter, f"profile batch {batch}: reference before quantizing"
+            )
+            if cfg.get("compiled"):
+                timing.compiled[batch] = _compiled_times({"ref": reference}, ["ref_a", "ref_b"], prompt, cfg)
+    return timing
+
+
 def speed_metrics(
-    model: nn.Module, reference: nn.Module, tokens: torch.Tensor, cfg: Mapping, meter: energy.Meter | None = None
+    model: nn.Module,
+    reference: nn.Module | ReferenceTiming,
+    tokens: torch.Tensor,
+    cfg: Mapping,
+    meter: energy.Meter | None = None,
 ) -> dict[str, float]:
-    """Speed against the reference, interleaved A, Q, B per repeat (module docstring), per batch size.
+    """Speed against the reference per batch size: interleaved A, Q, B per repeat (module docstring) when
+    ``reference`` is a model; against its timings from before quantization when it is a ``ReferenceTiming``
+    (then ``Q`` is timed alone now, and the ratios are unpaired: the two were timed minutes apart).
 
     For each batch (suffix ``""`` at 1, ``_b<batch>`` otherwise): ``prefill_ms``, ``decode_tok_s``
     and the reference's (``_ref``), ``speedup_vs_ref`` (decode) and ``prefill_speedup_vs_ref`` with
@@ -228,87 +338,97 @@ def speed_metrics(
     ``speedup_is_win``/``prefill_speedup_is_win``. With a ``meter``, also CPU time and energy per
     token over the same windows (``usage_metrics``).
     """
-    prompt_len, decode_tokens = int(cfg["prompt_tokens"]), int(cfg["decode_tokens"])
-    warmup, repeats = int(cfg["warmup"]), int(cfg["repeats"])
-    if repeats < 1:
-        raise ValueError(f"profile.repeats must be at least 1 (2 or more for intervals), got {repeats}")
-    if repeats < 2:
-        log.warning("profile.repeats=1: speed-ups are logged without intervals or a win/noise verdict")
+    prompt_len, decode_tokens, _, _ = _check_timing(cfg)
+    before = reference if isinstance(reference, ReferenceTiming) else None
     metrics = {}
     with torch_threads(int(cfg["threads"])):
         for batch in cfg["batch_sizes"]:
-            if tokens.numel() < batch * prompt_len:
-                raise ValueError(f"profile needs {batch * prompt_len} prompt tokens, only {tokens.numel()} available")
-            prompt = tokens[: batch * prompt_len].reshape(batch, prompt_len)
-            if module_device(model).type == "cuda":  # an idle GPU clocks down: time it once it is up
-                metrics[f"settle_runs{_suffix(batch)}"] = float(settle(reference, prompt, decode_tokens, cfg["settle"]))
-            runs: dict[str, list[Generation]] = {"ref_a": [], "quant": [], "ref_b": []}
-            label = f"profile batch {batch}: repeats (ref, model, ref)"
-            for i in progress(range(warmup + repeats), label, "repeat"):
-                for key, m in (("ref_a", reference), ("quant", model), ("ref_b", reference)):
-                    # decode_tokens decode steps after the prefill's first token
-                    run = greedy(m, prompt, decode_tokens + 1, meter)[0]
-                    if i >= warmup:
-                        runs[key].append(run)
+            prompt = _prompt(tokens, batch, prompt_len)
             suffix = _suffix(batch)
-            timings = {key: [(r.prefill_s, r.decode_s) for r in value] for key, value in runs.items()}
-            for phase, prefix in ((1, ""), (0, "prefill_")):
-                ref_a = [t[phase] for t in timings["ref_a"]]
-                ref_b = [t[phase] for t in timings["ref_b"]]
-                quant = [t[phase] for t in timings["quant"]]
-                ref = [(a + b) / 2 for a, b in zip(ref_a, ref_b, strict=True)]
-                if phase == 1:
-                    metrics[f"decode_tok_s{suffix}"] = batch * decode_tokens / statistics.median(quant)
-                    metrics[f"decode_tok_s_ref{suffix}"] = batch * decode_tokens / statistics.median(ref)
-                else:
-                    metrics[f"prefill_ms{suffix}"] = 1000 * statistics.median(quant)
-                    metrics[f"prefill_ms_ref{suffix}"] = 1000 * statistics.median(ref)
-                metrics |= _ratio_metrics(
-                    f"{prefix}speedup_vs_ref{suffix}",
-                    f"{prefix}speed_noise_pct{suffix}",
-                    f"{prefix}speedup_is_win{suffix}",
-                    paired=[r / q for r, q in zip(ref, quant, strict=True)],
-                    self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
-                )
+            if before is None:
+                settled = _settle(reference, prompt, cfg)  # an idle GPU clocks down: time it once it is up
+                order = [("ref_a", reference), ("quant", model), ("ref_b", reference)]
+                runs = _timed(order, prompt, cfg, meter, f"profile batch {batch}: repeats (ref, model, ref)")
+            else:
+                settled = _settle(model, prompt, cfg)
+                if batch in before.settle_runs:
+                    metrics[f"settle_runs_ref{suffix}"] = float(before.settle_runs[batch])
+                quant = _timed([("quant", model)], prompt, cfg, meter, f"profile batch {batch}: repeats (model)")
+                runs = {**before.runs[batch], **quant}
+            if settled is not None:
+                metrics[f"settle_runs{suffix}"] = float(settled)
+            metrics |= _speed_from_runs(runs, batch * decode_tokens, suffix)
             if meter is not None:
                 metrics |= usage_metrics(runs, batch * decode_tokens, batch * prompt_len, suffix, meter)
             if cfg.get("compiled"):
-                metrics |= compiled_metrics(model, reference, prompt, decode_tokens, warmup, repeats, suffix)
+                if before is None:
+                    times = _compiled_times(
+                        {"ref": reference, "quant": model}, ["ref_a", "quant", "ref_b"], prompt, cfg
+                    )
+                else:
+                    times = {**before.compiled[batch], **_compiled_times({"quant": model}, ["quant"], prompt, cfg)}
+                metrics |= compiled_metrics(times, batch * decode_tokens, suffix)
     return metrics
 
 
-def compiled_metrics(
-    model: nn.Module,
-    reference: nn.Module,
-    prompt: torch.Tensor,
-    decode_tokens: int,
-    warmup: int,
-    repeats: int,
-    suffix: str,
-) -> dict[str, float]:
-    """Decode again with a static KV cache and a compiled step (``CompiledDecoder``; on a GPU with CUDA
-    graphs, ``mode="reduce-overhead"``), interleaved A, Q, B as the eager timing: ``decode_tok_s_compiled``
-    and ``_ref_compiled``, ``speedup_vs_ref_compiled`` with its interval, noise and win, and the time the
-    first call spent compiling, ``compile_s`` and ``compile_s_ref`` (each with the batch suffix)."""
-    mode = "reduce-overhead" if module_device(model).type == "cuda" else None
+def _speed_from_runs(runs: Mapping[str, list[Generation]], decoded: int, suffix: str) -> dict[str, float]:
+    """Throughput, prefill time and the speed-up ratios of ``runs`` (ref_a, quant, ref_b per repeat)."""
+    metrics = {}
+    timings = {key: [(r.prefill_s, r.decode_s) for r in value] for key, value in runs.items()}
+    for phase, prefix in ((1, ""), (0, "prefill_")):
+        ref_a = [t[phase] for t in timings["ref_a"]]
+        ref_b = [t[phase] for t in timings["ref_b"]]
+        quant = [t[phase] for t in timings["quant"]]
+        ref = [(a + b) / 2 for a, b in zip(ref_a, ref_b, strict=True)]
+        if phase == 1:
+            metrics[f"decode_tok_s{suffix}"] = decoded / statistics.median(quant)
+            metrics[f"decode_tok_s_ref{suffix}"] = decoded / statistics.median(ref)
+        else:
+            metrics[f"prefill_ms{suffix}"] = 1000 * statistics.median(quant)
+            metrics[f"prefill_ms_ref{suffix}"] = 1000 * statistics.median(ref)
+        metrics |= _ratio_metrics(
+            f"{prefix}speedup_vs_ref{suffix}",
+            f"{prefix}speed_noise_pct{suffix}",
+            f"{prefix}speedup_is_win{suffix}",
+            paired=[r / q for r, q in zip(ref, quant, strict=True)],
+            self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
+        )
+    return metrics
+
+
+def _compiled_times(
+    models: Mapping[str, nn.Module], order: list[str], prompt: torch.Tensor, cfg: Mapping
+) -> dict[str, list[float] | float]:
+    """Decode seconds of a static-KV-cache, compiled loop (``CompiledDecoder``; on a GPU with CUDA graphs,
+    ``mode="reduce-overhead"``) per key of ``order`` (``ref_a``/``ref_b`` time ``models["ref"]``) and
+    repeat, and each model's first-call compile seconds (``compile_s`` / ``compile_s_ref``)."""
+    _, decode_tokens, warmup, repeats = _check_timing(cfg)
+    first = next(iter(models.values()))
+    mode = "reduce-overhead" if module_device(first).type == "cuda" else None
     length, new_tokens = prompt.shape[1] + decode_tokens + 1, decode_tokens + 1
-    decoders = {"quant": CompiledDecoder(model, prompt.shape[0], length, mode)}
-    decoders["ref"] = CompiledDecoder(reference, prompt.shape[0], length, mode)
+    decoders = {key: CompiledDecoder(m, prompt.shape[0], length, mode) for key, m in models.items()}
     for decoder in decoders.values():
         decoder(prompt, new_tokens)  # compiles
-    times: dict[str, list[float]] = {"ref_a": [], "quant": [], "ref_b": []}
+    times: dict[str, list[float] | float] = {key: [] for key in order}
     for i in progress(range(warmup + repeats), f"profile batch {prompt.shape[0]}, compiled: repeats", "repeat"):
-        for key in times:
-            decode_s = decoders["ref" if key != "quant" else "quant"](prompt, new_tokens)[0].decode_s
+        for key in order:
+            decode_s = decoders["quant" if key == "quant" else "ref"](prompt, new_tokens)[0].decode_s
             if i >= warmup:
                 times[key].append(decode_s)
+    for key, decoder in decoders.items():
+        times["compile_s" if key == "quant" else "compile_s_ref"] = decoder.compile_s
+    return times
+
+
+def compiled_metrics(times: Mapping[str, list[float] | float], decoded: int, suffix: str) -> dict[str, float]:
+    """From ``_compiled_times``: ``decode_tok_s_compiled`` and ``_ref_compiled``, ``speedup_vs_ref_compiled``
+    with its interval, noise and win, and ``compile_s`` / ``compile_s_ref`` (each with the batch suffix)."""
     ref = [(a + b) / 2 for a, b in zip(times["ref_a"], times["ref_b"], strict=True)]
-    count = prompt.shape[0] * decode_tokens
     return {
-        f"decode_tok_s_compiled{suffix}": count / statistics.median(times["quant"]),
-        f"decode_tok_s_ref_compiled{suffix}": count / statistics.median(ref),
-        f"compile_s{suffix}": decoders["quant"].compile_s,
-        f"compile_s_ref{suffix}": decoders["ref"].compile_s,
+        f"decode_tok_s_compiled{suffix}": decoded / statistics.median(times["quant"]),
+        f"decode_tok_s_ref_compiled{suffix}": decoded / statistics.median(ref),
+        f"compile_s{suffix}": times["compile_s"],
+        f"compile_s_ref{suffix}": times["compile_s_ref"],
         **_ratio_metrics(
             f"speedup_vs_ref_compiled{suffix}",
             f"speed_noise_pct_compiled{suffix}",
@@ -398,8 +518,17 @@ def _ratio_metrics(
     return out
 
 
-def ci_method(cfg: Mapping) -> str:
+def ci_method(cfg: Mapping, mode: str = "reload") -> str:
+    """How the speed-ups and their intervals were taken under the resolved ``profile.reference`` ``mode``."""
+    tail = (
+        "95% Student-t interval on the log ratios; noise = |median(ref A / ref B) - 1|; a win needs ci_low > 1 + noise"
+    )
+    if mode == "before_quantize":
+        return (
+            f"unpaired: reference A, B back to back per repeat before quantizing, the model alone after; speed-up = "
+            f"median over {cfg['repeats']} repeats of mean(ref)/model matched by repeat index; {tail}"
+        )
     return (
         f"per repeat: reference, model, reference; speed-up = median of mean(ref)/model over {cfg['repeats']} repeats, "
-        f"95% Student-t interval on the log ratios; noise = |median(ref A / ref B) - 1|; a win needs ci_low > 1 + noise"
+        f"{tail}"
     )

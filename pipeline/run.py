@@ -105,6 +105,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
         tasks.check_data_package()
     if container["profile"]["enabled"]:
         energy.check_config(container["profile"]["energy"])  # a forced counter this machine lacks: fail now
+        profile.check_reference_mode(container["profile"])
     model_path = resolve_model_path(container["model"])
     check_fits(container["model"], container["device"])
     on_grid = published_grid.config_on_published_grid(container, model_path)
@@ -242,6 +243,19 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
         reference_extra, reference_docs = _reference_extras(cache, model, tokenizer, tokens, eval_cfg, cfg.seed, bos)
         reference_generations = _reference_generations(cache, model, tokenizer, prompts, new_tokens)
     record({"reference_s": time.perf_counter() - start})
+    reference_timing = None
+    if cfg.profile.enabled and quantizing:
+        profile_mode = profile.reference_mode(container["profile"], ref_bytes, torch.device(device))
+        mlflow.log_param("profile.reference_used", profile_mode)
+        if profile_mode == "before_quantize":  # time the float model now: no second copy at the profile stage
+            start = time.perf_counter()
+            with peaks.stage("profile_reference", record, device):
+                reference_timing = profile.time_reference(model, tokens, container["profile"])
+            record({"profile_reference_s": time.perf_counter() - start})
+    if quantizing:
+        # Its distribution (up to eval.reference_cache_max_mb) is not needed while quantizing: it waits in
+        # its cache file, not in memory, and is read back below.
+        reference = None
 
     tracking.log_dataset(tokens, "evaluation", container["data"])
     records = quantize_stage(
@@ -264,6 +278,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if quantizing:
         record(shipping.tag_hash(model))
         mlflow.set_tags(export.tags(export.of_model(model)))
+        reference = evaluate.read_reference(cache, tokens, eval_cfg, bos)
     if probe is not None:
         probe(model, tokens, reference)
 
@@ -297,12 +312,18 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     if cfg.profile.enabled:
         start = time.perf_counter()
         with peaks.stage("profile", record, device):
-            reference_model = load_model(container["model"], device)[0] if quantizing else model
+            if not quantizing:
+                reference_model = model
+            elif reference_timing is None:  # profile.reference resolved to reload
+                reference_model = load_model(container["model"], device)[0]
+            else:
+                reference_model = reference_timing
             speed, energy_source = profile.profile_metrics(model, reference_model, tokens, container["profile"])
             del reference_model
         mlflow.set_tag("energy_source", energy_source)
         record(speed)
-        mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"]))
+        mode = "before_quantize" if reference_timing is not None else "reload"
+        mlflow.log_param("profile.ci_method", profile.ci_method(container["profile"], mode))
         record({"profile_s": time.perf_counter() - start})
     if quantizing:
         with peaks.stage("ship", record, device):
@@ -324,7 +345,6 @@ def quantize_stage(
     seed: int,
     kernels: str,
     record: Callable[[Mapping[str, float]], None],
-    load_teacher: Callable[[], torch.nn.Module] | None = None,
     log_step: Callable[[int, dict], None] | None = None,
 ) -> list[quantize.LayerRecord]:
     """Calibrate (if the method needs it), train (QAT), quantize in place; the per-layer table.
@@ -349,9 +369,8 @@ def quantize_stage(
     # GPTQ and AWQ calibrate block by block inside quantize_model: their forward passes count here.
     with peaks.stage("quantize", record, device):
         if method.get("train"):
-            teacher = load_teacher or (lambda: load_model(container["model"], device)[0])
             log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
-            record({"train_s": _train_qat(model, selected, method, batches, seed, teacher, log_step)})
+            record({"train_s": _train_qat(model, selected, method, batches, seed, log_step)})
         del selected  # so that each float layer is freed as quantize_model replaces it
         steps: dict[str, float] = {}
         records = quantize.quantize_model(
@@ -423,17 +442,14 @@ def _beside(cache: Path, kind: str, key: dict) -> Path:
     return cache.with_name(f"{cache.stem}-{kind}-{digest}.json")
 
 
-def _train_qat(
-    model, selected: dict, method: dict, batches, seed: int, load_teacher: Callable, log_step: Callable
-) -> float:
+def _train_qat(model, selected: dict, method: dict, batches, seed: int, log_step: Callable) -> float:
     """The train stage: fake-quantize the selected layers, train them, leave them for packing."""
     start = time.perf_counter()
     options = method["train"]
     train.check_options(options)
-    teacher = load_teacher() if options["loss"] == "kd" else None
     spec = quantize.weight_spec(method)
     fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), layers.float_weight, spec)
-    train.fit(model, fakes, batches, options, seed, teacher, log_step=log_step)
+    train.fit(model, fakes, batches, options, seed, log_step=log_step)  # kd: the float teacher shares the model
     return time.perf_counter() - start
 
 

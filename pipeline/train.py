@@ -8,6 +8,11 @@ LSQ's gradient scaling (Esser et al. 2020); otherwise they follow the weights' m
 gradient clipping, on next-token cross-entropy or on distillation from the float model (``kd``,
 as LLM-QAT does: a few hundred CPU steps cannot teach a new domain, but can teach the quantized
 model to imitate the reference). ``convert`` turns the result into ordinary packed QuantLinears.
+
+The distillation teacher is the student itself with its original float weights (``float_teacher``):
+each FakeQuantLinear keeps the weight it was made from (the loaded tensor, no copy), and every other
+module is frozen and shared, so the teacher's outputs are exactly the float model's without a second
+model in memory.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,9 @@ class FakeQuantLinear(nn.Module):
         self.spec, self.block_size, self.learnable_scale = spec, block_size, learnable_scale
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().float().clone())
+        # the weight as loaded (not a copy), for the float teacher; not saved with the layer
+        self.register_buffer("teacher_weight", weight.detach(), persistent=False)
+        self.as_float = False  # True inside ``float_teacher``
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         scale, zero = choose_qparams(self.weight.detach(), spec, block_size)
         self.scale = nn.Parameter(scale.float(), requires_grad=learnable_scale)
@@ -62,7 +71,25 @@ class FakeQuantLinear(nn.Module):
         return fake_quantize_ste(self.weight, scale, zero, self.spec, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight = self.teacher_weight if self.as_float else self.fake_weight()
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@contextmanager
+def float_teacher(model: nn.Module, fakes: Mapping[str, FakeQuantLinear]) -> Iterator[nn.Module]:
+    """``model`` as the float model it was before ``prepare``: its fake-quantized layers compute with
+    their original weights, in eval mode (as a loaded model is) and without gradients."""
+    training = model.training
+    model.eval()
+    for fake in fakes.values():
+        fake.as_float = True
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for fake in fakes.values():
+            fake.as_float = False
+        model.train(training)
 
 
 def prepare(
@@ -78,7 +105,7 @@ def prepare(
         p.requires_grad_(False)
     fakes = {}
     for name, module in layers.items():
-        weight = weight_of(module).float()
+        weight = weight_of(module)  # as loaded: the FakeQuantLinear trains a float32 copy and keeps this one
         block = block_size_for(weight.shape, method["granularity"], method["group_size"])
         fakes[name] = FakeQuantLinear(weight, getattr(module, "bias", None), spec, block, learnable_scale)
         parent, _, child = name.rpartition(".")
@@ -101,13 +128,10 @@ def fit(
     batches: torch.Tensor,
     options: Mapping,
     seed: int,
-    teacher: nn.Module | None = None,
     log_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[float]:
-    """Train the fake-quantized layers; returns the loss per step."""
+    """Train the fake-quantized layers; returns the loss per step (``kd``: from ``float_teacher``)."""
     check_options(options)
-    if options["loss"] == "kd" and teacher is None:
-        raise ValueError("method.train.loss=kd needs the float model as teacher")
     steps, batch_size = int(options["steps"]), int(options["batch_size"])
     weights = [f.weight for f in fakes.values()]
     scales = [f.scale for f in fakes.values() if f.learnable_scale]
@@ -127,7 +151,7 @@ def fit(
             start = time.perf_counter()
             picked = torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")
             ids = batches[picked].to(device)
-            loss = loss_on(model, ids, options["loss"], teacher)
+            loss = loss_on(model, ids, options["loss"], fakes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(weights + scales, float(options["max_grad_norm"]))
@@ -151,11 +175,14 @@ def fit(
     return losses
 
 
-def loss_on(model: nn.Module, ids: torch.Tensor, kind: str, teacher: nn.Module | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, or KL(teacher || model) over the vocabulary at every position."""
+def loss_on(
+    model: nn.Module, ids: torch.Tensor, kind: str, fakes: Mapping[str, FakeQuantLinear] | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy, or KL(float model || model) over the vocabulary at every position (the
+    float model: ``model`` with its ``fakes`` computing in float, ``float_teacher``)."""
     if kind == "ce":
         return model(input_ids=ids, labels=ids, use_cache=False).loss
-    with torch.no_grad():
+    with float_teacher(model, fakes or {}) as teacher:
         target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     logprobs = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     return F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")

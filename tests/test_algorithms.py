@@ -194,12 +194,33 @@ def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_qat_runs_at_low_bits_with_distillation(bits):
-    model, teacher = tiny_llama(), tiny_llama()
+    model = tiny_llama()
     method = method_cfg("qat", f"method.bits={bits}", "method.group_size=32", "method.train.steps=2")
     selected, _ = layers.select_layers(model, layers_cfg())
     fakes = train.prepare(model, selected, method, False, layers.float_weight, quantize.weight_spec(method))
-    losses = train.fit(model, fakes, BATCHES, method["train"], seed=0, teacher=teacher)
+    losses = train.fit(model, fakes, BATCHES, method["train"], seed=0)
     assert len(losses) == 2 and all(loss >= 0 for loss in losses)
+
+
+def test_the_distillation_teacher_is_the_float_model_in_the_same_memory():
+    """QAT's teacher is the student with its original weights: the float model's logits exactly, after
+    training moved the student, and without a copy of any weight."""
+    model, float_model = tiny_llama(), tiny_llama()
+    method = method_cfg("qat", "method.train.steps=3", "method.train.lr=1e-2")
+    selected, _ = layers.select_layers(model, layers_cfg())
+    loaded = {name: layers.float_weight(module) for name, module in selected.items()}
+    fakes = train.prepare(model, selected, method, True, layers.float_weight, quantize.weight_spec(method))
+    train.fit(model, fakes, BATCHES, method["train"], seed=0)
+    batch = BATCHES[:2]
+    with torch.no_grad():
+        expected = float_model(input_ids=batch).logits
+        student = model(input_ids=batch).logits
+    with train.float_teacher(model, fakes) as teacher:
+        taught = teacher(input_ids=batch).logits
+    assert torch.equal(taught, expected)
+    assert not torch.allclose(student, expected)  # the student itself is quantized and trained
+    assert all(fakes[n].teacher_weight.data_ptr() == loaded[n].data_ptr() for n in fakes)  # no copy
+    assert model.training is False and not any(f.as_float for f in fakes.values())
 
 
 @pytest.mark.parametrize(

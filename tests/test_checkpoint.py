@@ -24,9 +24,7 @@ def quantized_tiny(method: str, *overrides: str):
         container["method"]["train"]["steps"] = 2
     model = tiny_llama()
     batches = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(4))
-    run.quantize_stage(
-        model, container, lambda: batches, 0, "auto", lambda _: None, load_teacher=tiny_llama, log_step=lambda *_: None
-    )
+    run.quantize_stage(model, container, lambda: batches, 0, "auto", lambda _: None, log_step=lambda *_: None)
     return model, container
 
 

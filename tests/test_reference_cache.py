@@ -86,6 +86,11 @@ def test_full_store_gives_the_same_kl_as_before_bit_for_bit(pair, tmp_path, monk
     scores = evaluate.score(model, tokens, EVAL, reference=cached)
     assert torch.equal(scores.kl, _exact_kl(reference, model, tokens))
     assert torch.equal(cached.distribution.logprobs, ref.distribution.logprobs)
+    # a run reads it back after quantizing (never recomputing it from the quantized model)
+    reread = evaluate.read_reference(path, tokens, EVAL, None)
+    assert torch.equal(reread.distribution.logprobs, ref.distribution.logprobs) and torch.equal(reread.nll, ref.nll)
+    with pytest.raises(RuntimeError, match="is gone"):
+        evaluate.read_reference(tmp_path / "missing.safetensors", tokens, EVAL, None)
     metrics = evaluate.compare(scores, cached)
     assert metrics["kl_vs_ref"] > 0.05 and metrics["kl_vs_ref_bound"] == 0.0
     # the size is what the design says: kl_tokens x vocab x 4 bytes, plus a few small vectors

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import calibrate, evaluate, layers, profile, quantize, reference_store
+from pipeline import bandwidth, calibrate, evaluate, layers, profile, quantize, reference_store
 from pipeline.quant.kernels import cpp
 from pipeline.quant.linear import QuantLinear
 
@@ -164,6 +164,29 @@ def test_speed_metrics_give_ratios(llama):
     m = profile.speed_metrics(llama, reference, tokens, cfg)
     for key in ("prefill_ms", "decode_tok_s", "speedup_vs_ref", "decode_tok_s_b2", "speedup_vs_ref_b2"):
         assert m[key] > 0
+
+
+def test_speed_against_the_reference_timed_before_quantizing_gives_the_same_metrics(llama):
+    """profile.reference=before_quantize: the float model timed first, the quantized one alone later; the
+    same metric names as the interleaved (reload) timing, and the floor from the reference's bytes."""
+    reference = tiny_llama()
+    tokens = torch.randint(0, 512, (64,))
+    cfg = {"threads": 1, "prompt_tokens": 8, "decode_tokens": 3, "batch_sizes": [1, 2], "warmup": 0, "repeats": 2}
+    interleaved = profile.speed_metrics(llama, reference, tokens, cfg)
+    timing = profile.time_reference(reference, tokens, {**cfg, "energy": {"source": "estimate", "watts_per_core": 4.4}})
+    assert timing.bytes_read_per_token == bandwidth.bytes_read_per_token(reference)
+    before = profile.speed_metrics(llama, timing, tokens, cfg)
+    assert set(before) == set(interleaved)
+    assert all(before[k] > 0 for k in ("decode_tok_s", "decode_tok_s_ref_b2", "speedup_vs_ref_ci_low"))
+
+
+@pytest.mark.parametrize("weights_mb,mode", [(100, "reload"), (10**7, "before_quantize")])
+def test_auto_profile_reference_reloads_only_what_fits(weights_mb, mode):
+    cfg = {"reference": "auto"}
+    assert profile.reference_mode(cfg, weights_mb * 2**20, torch.device("cpu")) == mode
+    assert profile.reference_mode({"reference": "reload"}, 10**15, torch.device("cpu")) == "reload"
+    with pytest.raises(ValueError, match="profile.reference must be one of auto, reload, before_quantize"):
+        profile.check_reference_mode({"reference": "twice"})
 
 
 def test_peak_rss_resets():
