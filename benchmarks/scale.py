@@ -28,7 +28,7 @@ from pipeline.load import weight_bytes_estimate
 from pipeline.tracking import provenance
 
 REPO = Path(__file__).resolve().parent.parent
-TIMES = ("load_s", "reference_s", "calibrate_s", "quantize_s", "eval_s", "profile_s")
+TIMES = ("load_s", "reference_s", "profile_reference_s", "calibrate_s", "quantize_s", "eval_s", "profile_s")
 
 
 def run_overrides(args: argparse.Namespace, store: Path) -> list[str]:
