@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,17 @@ from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams,
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "kd")
+
+
+@dataclass(frozen=True)
+class FixedGrid:
+    """A layer's quantization grid fixed before its codes are chosen (QAT's trained scales): the
+    ``rtn`` codes step rounds the layer's weight onto it instead of choosing its own."""
+
+    spec: QuantSpec
+    block_size: tuple[int, int]
+    scale: torch.Tensor
+    zero: torch.Tensor | None
 
 
 class FakeQuantLinear(nn.Module):
@@ -60,6 +72,10 @@ class FakeQuantLinear(nn.Module):
     def fake_weight(self) -> torch.Tensor:
         scale, zero = self.qparams()
         return fake_quantize_ste(self.weight, scale, zero, self.spec, self.block_size)
+
+    def fixed_grid(self) -> FixedGrid:
+        """The trained grid the codes step rounds this layer onto."""
+        return trained_grid(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -162,10 +178,17 @@ def loss_on(model: nn.Module, ids: torch.Tensor, kind: str, teacher: nn.Module |
 
 
 @torch.no_grad()
-def converted(fake: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes, scale, zero) of a trained layer, in the method's storage dtypes."""
+def trained_grid(fake: FakeQuantLinear) -> FixedGrid:
+    """A trained layer's grid (its scales and zero points in the method's storage dtypes)."""
     scale, zero = fake.qparams()
     scale = scale.to(fake.spec.scale_dtype)
     if zero is not None:
         zero = zero.round().to(torch.uint8) if fake.spec.zero_point_domain == "int" else zero.to(fake.spec.scale_dtype)
-    return quantize(fake.weight, scale, zero, fake.spec, fake.block_size), scale, zero
+    return FixedGrid(fake.spec, fake.block_size, scale, zero)
+
+
+@torch.no_grad()
+def converted(fake: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, scale, zero) of a trained layer, in the method's storage dtypes."""
+    grid = trained_grid(fake)
+    return quantize(fake.weight, grid.scale, grid.zero, fake.spec, fake.block_size), grid.scale, grid.zero

@@ -148,10 +148,14 @@ def test_w2_group_beats_2_bit_rtn_and_layer_overrides_keep_layers_wider():
     assert bits["down_proj"] == 4 and bits["q_proj"] == 2
 
 
+# w2_group without its AWQ and GPTQ steps, with HQQ's options (the ones w2_group.yaml's comment names)
+HQQ_ALONE = ("method.awq=null", "method.gptq=null", "+method.hqq={iters: 20, lp_norm: 0.7, beta: 10.0, kappa: 1.01}")
+
+
 def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
-    hqq_method = ("method.algorithm=hqq", "method.zero_point_domain=float", "method.awq=null")
+    hqq_method = ("method.steps=[hqq]", "method.zero_point_domain=float", *HQQ_ALONE)
     errors = {}
-    rtn_method = ("method.algorithm=rtn", "method.zero_point_domain=float", "method.awq=null")
+    rtn_method = ("method.steps=[rtn]", "method.zero_point_domain=float", "method.awq=null", "method.gptq=null")
     for name, overrides in (("rtn", rtn_method), ("hqq", hqq_method)):
         records = quantize.quantize_model(tiny_llama(), method_cfg("w2_group", *overrides), layers_cfg())
         errors[name] = sum(r.rel_error for r in records if r.quantized)
@@ -161,7 +165,7 @@ def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
 def test_hqq_refuses_an_integer_zero_point():
     with pytest.raises(ValueError, match="zero_point_domain=float"):
         quantize.quantize_model(
-            tiny_llama(), method_cfg("w2_group", "method.algorithm=hqq", "method.awq=null"), layers_cfg()
+            tiny_llama(), method_cfg("w2_group", "method.steps=[hqq]", *HQQ_ALONE), layers_cfg()
         )
 
 
