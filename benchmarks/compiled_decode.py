@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline import calibrate, device, layers, quantize, stats, tracking
+from pipeline import calibrate, device, layers, quantize, stats, steps, tracking
 from pipeline.data import calibration_batches
 from pipeline.device import torch_threads
 from pipeline.evaluate import evaluation_tokens
@@ -37,7 +37,7 @@ def _quantized(cfg: dict) -> torch.nn.Module:
     method = cfg["method"]
     model, tokenizer = load_model(cfg["model"], cfg["device"])
     stats_ = batches = None
-    if quantize.needs_calibration(method):
+    if steps.needs_calibration(method):
         batches = calibration_batches(tokenizer, cfg["data"])
         act = method.get("activations")
         if act and act["mode"] == "static":

@@ -27,6 +27,7 @@ from pipeline.evaluate import evaluation_tokens
 from pipeline.generation import greedy
 from pipeline.load import load_model
 from pipeline.quant.linear import QuantLinear
+from pipeline.steps import needs_calibration
 from pipeline.tune import CONF
 
 
@@ -52,7 +53,7 @@ def main(overrides: list[str]) -> None:
     method = cfg["method"]
     model, tokenizer = load_model(cfg["model"])
     stats = batches = None
-    if method["algorithm"] != "none" and quantize.needs_calibration(method):
+    if needs_calibration(method):
         batches = calibration_batches(tokenizer, cfg["data"])
         act = method.get("activations")
         if act and act["mode"] == "static":

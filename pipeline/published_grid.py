@@ -47,7 +47,9 @@ def on_published_grid(method: Mapping, model_cfg: Mapping, layer_weights: Mappin
     """
     grid = model_cfg.get("published_grid")
     check_grid(grid)
-    if not grid or method.get("algorithm") == "none":
+    from pipeline.steps import quantizes  # it imports torch modules this module need not load early
+
+    if not grid or not quantizes(method):
         return False
     if not method.get("layer_overrides"):
         return _setting_on_grid(method, grid)

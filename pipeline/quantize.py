@@ -1,8 +1,9 @@
 """Quantize stage: turn the method config into specs, replace the selected layers (``pipeline.layers``).
 
 A method is data: bits, symmetry, granularity, group size, zero-point domain, scale dtype,
-optional activation quantization, and the algorithm that picks the integer codes (``rtn`` here;
-algorithms that use calibration data plug into ``ALGORITHMS`` without touching this flow).
+optional activation quantization, and an ordered list of steps (``method.steps``, ``pipeline.steps``):
+the block steps run inside the block-by-block calibration pass, then the codes step picks each
+layer's integer codes (the model steps, e.g. QAT's training, have run before: ``run.quantize_stage``).
 """
 
 from __future__ import annotations
@@ -10,17 +11,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from pipeline.algorithms.awq import apply_awq
-from pipeline.algorithms.gptq import gptq_quantize
-from pipeline.algorithms.hqq import hqq_quantize
-from pipeline.algorithms.lowrank import lowrank_quantize
+from pipeline import steps as step_registry
 from pipeline.algorithms.sequential import LayerInputs, run_blocks
 from pipeline.calibrate import ActivationStats, activation_qparams
 from pipeline.kept import describe_kept, keep_dtype, store_kept
@@ -35,8 +33,8 @@ from pipeline.layers import (
 )
 from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import ActivationQuant, QuantLinear
-from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, quantize
-from pipeline.train import FakeQuantLinear, converted
+from pipeline.quant.primitives import QuantSpec, block_size_for
+from pipeline.steps import BlockContext, BlockStep, ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -205,118 +203,6 @@ def check_embeddings(model: nn.Module, layers_cfg: Mapping) -> None:
         )
 
 
-# -- algorithms --------------------------------------------------------------------------------
-@dataclass
-class QuantizedWeight:
-    """What an algorithm decides for one layer; QuantLinear stores it."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def _rtn(weight, spec, block, _inputs, _options, _timings) -> QuantizedWeight:
-    scale, zero = choose_qparams(weight, spec, block)
-    return QuantizedWeight(quantize(weight, scale, zero, spec, block), scale, zero)
-
-
-def _gptq(weight, spec, block, inputs: LayerInputs, options, timings: dict[str, float]) -> QuantizedWeight:
-    hessian = inputs.hessian.hessian
-    inputs.hessian = None  # the accumulated sum (layers sharing an input release it with the last of them)
-    if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
-        m = inputs.input_multiplier.double()
-        hessian = hessian * m[:, None] * m[None, :]
-    codes, scale, zero = gptq_quantize(
-        weight,
-        hessian,
-        spec,
-        block,
-        damp=float(options["damp"]),
-        block=int(options["block"]),
-        act_order=bool(options["act_order"]),
-        threads=options.get("threads"),
-        timings=timings,
-    )
-    return QuantizedWeight(codes, scale, zero)
-
-
-def _hqq(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight:
-    codes, scale, zero = hqq_quantize(
-        weight,
-        spec,
-        block,
-        iters=int(options["iters"]),
-        lp_norm=float(options["lp_norm"]),
-        beta=float(options["beta"]),
-        kappa=float(options["kappa"]),
-    )
-    return QuantizedWeight(codes, scale, zero)
-
-
-def _lowrank(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight:
-    codes, scale, zero, a, b = lowrank_quantize(
-        weight, spec, block, rank=int(options["rank"]), iters=int(options["iters"])
-    )
-    return QuantizedWeight(codes, scale, zero, (a, b))
-
-
-# name -> (function, needs calibration inputs with a Hessian). Each reads its options from
-# method.<name> (e.g. method.gptq.damp); one that times its own steps adds them to ``timings``
-# (seconds by step name), else its whole call is timed under its name.
-ALGORITHMS: dict[str, tuple[Callable, bool]] = {
-    "rtn": (_rtn, False),
-    "gptq": (_gptq, True),
-    "hqq": (_hqq, False),
-    "lowrank": (_lowrank, False),
-}
-
-
-def check_algorithm(method: Mapping) -> None:
-    name = method["algorithm"]
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown method.algorithm {name!r}; available: none, {', '.join(ALGORITHMS)}")
-    if name != "rtn" and not method.get(name):
-        raise ValueError(f"method.algorithm={name} needs its options under method.{name}")
-
-
-def describe_algorithm(method: Mapping) -> str:
-    """What really picks the weights, step by step, e.g. ``awq_scales+clip+gptq(act_order)``.
-
-    ``method.algorithm`` names only the code-choosing step; AWQ's scales and QAT's training run
-    before it whenever their options are set, and a QAT-trained layer is rounded on its learned grid.
-    """
-    name = method["algorithm"]
-    if name == "none":
-        return "none"
-    steps = []
-    if method.get("train"):
-        train = method["train"]
-        steps.append(f"qat({'lsq' if train['learnable_scale'] else 'minmax'},{train['loss']})")
-        name = "rtn"  # FakeQuantLinear layers are packed by rounding on their trained grid
-    if method.get("awq"):
-        steps.append("awq_scales+clip" if method["awq"]["clip"] else "awq_scales")
-    if name == "gptq":
-        steps.append("gptq(act_order)" if method["gptq"]["act_order"] else "gptq")
-    elif name == "lowrank":
-        steps.append(f"lowrank(rank={method['lowrank']['rank']})+rtn")  # RTN of the residual W - A·B
-    else:
-        steps.append(name)
-    return "+".join(steps)
-
-
-def is_sequential(method: Mapping) -> bool:
-    """GPTQ and AWQ calibrate block by block on the partly quantized model."""
-    return ALGORITHMS[method["algorithm"]][1] or bool(method.get("awq"))
-
-
-def needs_calibration(method: Mapping) -> bool:
-    act = method.get("activations")
-    if method["algorithm"] == "none":
-        return False
-    return bool(act and act["mode"] == "static") or is_sequential(method) or bool(method.get("train"))
-
-
 def layer_method(method: Mapping, name: str) -> Mapping:
     """The method as it applies to one layer: the first matching ``layer_overrides`` entry wins."""
     for entry in method.get("layer_overrides") or []:
@@ -338,22 +224,27 @@ def _quantize_layer(
     input_scale: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
+    fixed_grid: bool = False,
 ) -> LayerRecord:
     """Replace one layer by its QuantLinear; ``reference`` is the original float weight (out, in).
 
-    ``timings`` gets the seconds of the algorithm's steps and of packing (``pack``) added."""
+    ``fixed_grid``: a model step left the module carrying its grid (``module.fixed_grid()``, QAT's
+    trained one), which the codes step rounds onto. ``timings`` gets the seconds of the codes step
+    (or of its own parts) and of packing (``pack``) added."""
     timings = {} if timings is None else timings
     method = layer_method(method, name)
     spec, act = weight_spec(method), activation_quant(method)
     weight = float_weight(module).float()
-    if isinstance(module, FakeQuantLinear):  # trained by QAT: it carries its own grid
-        block, result = module.block_size, QuantizedWeight(*converted(module))
+    codes_step = step_registry.codes_step(method)
+    options, own, start = step_registry.options_of(method, codes_step), {}, time.perf_counter()
+    if fixed_grid:
+        grid = module.fixed_grid()
+        block = grid.block_size
+        result = codes_step.run(weight, spec, block, inputs, options, own, grid=grid)
     else:
         block = block_size_for(weight.shape, method["granularity"], method["group_size"])
-        function, _ = ALGORITHMS[method["algorithm"]]
-        start, own = time.perf_counter(), {}
-        result = function(weight, spec, block, inputs, method.get(method["algorithm"]) or {}, own)
-        _add(timings, own or {method["algorithm"]: time.perf_counter() - start})
+        result = codes_step.run(weight, spec, block, inputs, options, own)
+    _add(timings, own or {codes_step.timing or codes_step.name: time.perf_counter() - start})
     start = time.perf_counter()
     act_scale = act_zero = None
     if act is not None and act.mode == "static":
@@ -502,22 +393,27 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
     offload: Mapping | None = None,
+    prepared: ModelResult | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
+    Runs the method's block steps and codes step (``method.steps``); its model steps must have run
+    before, their result passed as ``prepared`` (``run.quantize_stage`` does both).
     Then, unless the method is ``fp`` (the model stays as loaded): the embeddings are quantized by
     ``layers.embeddings`` if set, and every other parameter is stored in ``layers.keep_dtype``.
     ``stats`` (activation statistics of the float model) serve static activation quantization;
-    ``calibration`` (token batches) serves the block-by-block algorithms (GPTQ, AWQ), which keep
+    ``calibration`` (token batches) serves the block-by-block steps (GPTQ, AWQ), which keep
     the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
     ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
     """
     timings = {} if timings is None else timings
     check_storage(layers_cfg)
-    selected, kept = select_layers(model, layers_cfg, check_coverage=method["algorithm"] != "none")
+    step_registry.check_steps(method)
+    steps = step_registry.method_steps(method)
+    selected, kept = select_layers(model, layers_cfg, check_coverage=bool(steps))
     kept_matrices = [m for m in weight_matrices(model) if m.name in kept]
-    if method["algorithm"] == "none":
+    if not steps:
         return _kept_records(kept_matrices, kept) + [
             LayerRecord(layer=n, shape=str(tuple(float_weight(m).shape)), quantized=False, reason="method fp")
             for n, m in selected.items()
@@ -525,7 +421,13 @@ def quantize_model(
     check_embeddings(model, layers_cfg)
     store_dtype, embeddings = keep_dtype(layers_cfg["keep_dtype"]), embedding_quant(layers_cfg)
     activation_dtype = _activation_dtype(model)
-    check_algorithm(method)
+    model_steps = [s.name for s in steps if s.kind == "model"]
+    if model_steps and prepared is None:
+        raise ValueError(
+            f"method {method['name']} starts with model steps {model_steps} that quantize_model does not run: "
+            "run them first (run.quantize_stage does) and pass their result as prepared"
+        )
+    fixed = prepared.fixed_grid_layers if prepared is not None else frozenset()
     for name in selected:
         weight_spec(layer_method(method, name))
         check_granularity(layer_method(method, name))
@@ -533,23 +435,30 @@ def quantize_model(
     act = method.get("activations")
     if act and act["mode"] == "static" and stats is None:
         raise ValueError("static activation quantization needs calibration statistics")
-    if is_sequential(method) and calibration is None:
+    if step_registry.is_sequential(method) and calibration is None:
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
     records: list[LayerRecord] = []
     # Each layer leaves ``selected`` as it is replaced, so its float weights are freed right then, not
     # when the whole model is done (the model no longer holds them once its QuantLinear is in place).
-    if not is_sequential(method):
+    if not step_registry.is_sequential(method):
         for name in list(selected):
             module = selected.pop(name)
             records.append(
                 _quantize_layer(
-                    model, name, module, method, kernels, act_stats=(stats or {}).get(name), timings=timings
+                    model,
+                    name,
+                    module,
+                    method,
+                    kernels,
+                    act_stats=(stats or {}).get(name),
+                    timings=timings,
+                    fixed_grid=name in fixed,
                 )
             )
             del module
     else:
-        awq_options = method.get("awq")
+        block_steps = [s for s in steps if isinstance(s, BlockStep)]
 
         in_blocks = 0.0  # seconds inside quantize_block: the rest of run_blocks is its forward passes
 
@@ -557,17 +466,18 @@ def quantize_model(
             nonlocal in_blocks
             start = time.perf_counter()
             block = model.get_submodule(block_name)
-            # the float weights before AWQ rescales them, for the layer table's error (without AWQ
-            # the layer's own weight serves, and no copy is held)
-            originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if awq_options else {}
-            scales = {}
-            if awq_options:
-                spec = weight_spec(method)
-                awq_start = time.perf_counter()
-                scales = apply_awq(
-                    block, block_name, inputs, spec, method["granularity"], method["group_size"], awq_options
-                )
-                _add(timings, {"awq_search": time.perf_counter() - awq_start})
+            # the float weights before the block steps change them, for the layer table's error
+            # (without block steps the layer's own weight serves, and no copy is held)
+            originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if block_steps else {}
+            scales: dict[str, tuple[torch.Tensor, bool]] = {}
+            for step in block_steps:
+                step_start = time.perf_counter()
+                rescaled = step.run(BlockContext(block, block_name, inputs, method, weight_spec(method)))
+                _add(timings, {step.timing or step.name: time.perf_counter() - step_start})
+                twice = sorted(set(rescaled) & set(scales))
+                if twice:  # two input rescalings of one layer would need composing, which no step does yet
+                    raise ValueError(f"block step {step.name} rescales {twice[0]}'s input a second time")
+                scales.update(rescaled)
             for name, layer_inputs in inputs.items():
                 s, folded = scales.get(name, (None, True))
                 reference = originals.pop(name, None)
@@ -586,6 +496,7 @@ def quantize_model(
                         input_scale=None if folded else (1 / s).to(torch.float16),
                         reference=reference,
                         timings=timings,
+                        fixed_grid=name in fixed,
                     )
                 )
             in_blocks += time.perf_counter() - start

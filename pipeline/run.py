@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import (
     calibrate,
@@ -32,9 +32,9 @@ from pipeline import (
     quantize,
     reference_store,
     shipping,
+    steps,
     tasks,
     tracking,
-    train,
 )
 from pipeline.algorithms.sequential import check_offload
 from pipeline.data import calibration_batches
@@ -48,15 +48,14 @@ Probe = Callable[[torch.nn.Module, torch.Tensor, evaluate.Scores], None]
 
 
 def check_method(method: Mapping) -> None:
-    """Validate a method config without a model (bits, symmetry, granularity, activations)."""
-    if method["algorithm"] == "none":
+    """Validate a method config without a model (steps and their options, bits, symmetry, granularity,
+    activations)."""
+    steps.check_steps(method)
+    if not steps.quantizes(method):
         return
-    quantize.check_algorithm(method)
     quantize.weight_spec(method)
     quantize.check_granularity(method)
     quantize.activation_quant(method)
-    if method.get("train"):
-        train.check_options(method["train"])
     act = method.get("activations")
     if act and act["mode"] == "static" and act["observer"] not in calibrate.OBSERVERS:
         raise ValueError(f"unknown observer {act['observer']!r}; allowed: {', '.join(calibrate.OBSERVERS)}")
@@ -84,10 +83,22 @@ def fit_run_name(name: str) -> str:
     return name if len(name) <= RUN_NAME_MAX else name[: RUN_NAME_MAX - 3] + "..."
 
 
+def translate_legacy_method(cfg: DictConfig) -> None:
+    """A ``method.algorithm`` config (``+method.algorithm=X``, an old run's) rewritten in ``cfg`` as
+    ``method.steps`` (``steps.with_steps``, which logs what it translated), so the run logs what runs."""
+    if "algorithm" not in cfg.method:
+        return
+    translated = steps.with_steps(OmegaConf.to_container(cfg.method, resolve=True))
+    with open_dict(cfg):
+        cfg.method = translated
+
+
 def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, str], str]:
     """Every check that needs no model, then the MLflow experiment: (experiment id, run name, tags, model path).
 
-    Resolves ``device`` and ``model.dtype`` in ``cfg`` first (pipeline/device.py)."""
+    Resolves ``device`` and ``model.dtype`` in ``cfg`` first (pipeline/device.py), and translates a
+    legacy ``method.algorithm`` into ``method.steps``."""
+    translate_legacy_method(cfg)
     run_device = device.resolve(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]
@@ -122,7 +133,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
     tags = {
         "method": method["name"],
         "family": method["family"],
-        "algorithm": quantize.describe_algorithm(method),  # what ran; method.algorithm stays a param
+        "algorithm": steps.describe_steps(method),  # what runs, step by step; method.steps is a param
         "bits": str(method["bits"]),
         "granularity": str(method["granularity"]),
         "model": cfg.model.name,
@@ -134,6 +145,7 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[str, str, dict[str, 
 
 
 def run(cfg: DictConfig, overrides: list[str] = (), log_file: Path | None = None) -> dict[str, float]:
+    translate_legacy_method(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
     experiment_id, name, tags, model_path = prepare(cfg, list(overrides))
     seeds = list(cfg.repeat_seeds)
@@ -225,7 +237,7 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
     bos = evaluate.resolve_bos(tokenizer, eval_cfg["bos"])
     evaluate.check_protocol(eval_cfg, getattr(model.config, "max_position_embeddings", None), bos)
     mlflow.log_params(evaluate.protocol_params(eval_cfg, bos))
-    quantizing = method["algorithm"] != "none"
+    quantizing = steps.quantizes(method)
     if quantizing:
         # not kept in a variable: a reference here would keep every float layer alive through the run
         layers.check_group_size(method, layers.select_layers(model, container["layers"])[0])
@@ -347,17 +359,18 @@ def quantize_stage(
     record: Callable[[Mapping[str, float]], None],
     log_step: Callable[[int, dict], None] | None = None,
 ) -> list[quantize.LayerRecord]:
-    """Calibrate (if the method needs it), train (QAT), quantize in place; the per-layer table.
+    """Calibrate (if the method needs it), run the method's steps in order (its model steps, e.g.
+    QAT's train, here; its block and codes steps in ``quantize_model``); the per-layer table.
 
     The one path from a config to quantized weights: a run and ``pipeline.export``'s rebuild both
     take it, so a rebuild reproduces the run's weights (and its ``weights_sha256``).
     """
     method = container["method"]
     torch.manual_seed(seed)
-    selected, _ = layers.select_layers(model, container["layers"], check_coverage=method["algorithm"] != "none")
+    selected, _ = layers.select_layers(model, container["layers"], check_coverage=steps.quantizes(method))
     stats = batches = None
     device = next(model.parameters()).device  # where it was loaded; a rebuild's config may predate `device`
-    if quantize.needs_calibration(method):  # False for the fp reference
+    if steps.needs_calibration(method):  # False for the fp reference
         start = time.perf_counter()
         with peaks.stage("calibrate", record, device):
             batches = make_batches()
@@ -368,11 +381,11 @@ def quantize_stage(
     start = time.perf_counter()
     # GPTQ and AWQ calibrate block by block inside quantize_model: their forward passes count here.
     with peaks.stage("quantize", record, device):
-        if method.get("train"):
-            log_step = log_step or (lambda step, m: mlflow.log_metrics(m, step=step))
-            record({"train_s": _train_qat(model, selected, method, batches, seed, log_step)})
+        prepared = _run_model_steps(model, selected, method, batches, seed, log_step)
+        if prepared.metrics:
+            record(prepared.metrics)
         del selected  # so that each float layer is freed as quantize_model replaces it
-        steps: dict[str, float] = {}
+        timings: dict[str, float] = {}
         records = quantize.quantize_model(
             model,
             method,
@@ -381,10 +394,11 @@ def quantize_stage(
             kernels=kernels,
             calibration=batches,
             offload=container.get("offload"),  # absent from configs logged before it existed: none
-            timings=steps,
+            timings=timings,
+            prepared=prepared,
         )
         del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
-    record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in steps.items()}})
+    record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in timings.items()}})
     return records
 
 
@@ -442,15 +456,33 @@ def _beside(cache: Path, kind: str, key: dict) -> Path:
     return cache.with_name(f"{cache.stem}-{kind}-{digest}.json")
 
 
-def _train_qat(model, selected: dict, method: dict, batches, seed: int, log_step: Callable) -> float:
-    """The train stage: fake-quantize the selected layers, train them, leave them for packing."""
-    start = time.perf_counter()
-    options = method["train"]
-    train.check_options(options)
-    spec = quantize.weight_spec(method)
-    fakes = train.prepare(model, selected, method, bool(options["learnable_scale"]), layers.float_weight, spec)
-    train.fit(model, fakes, batches, options, seed, log_step=log_step)  # kd: the float teacher shares the model
-    return time.perf_counter() - start
+def _run_model_steps(
+    model,
+    selected: dict,
+    method: dict,
+    batches,
+    seed: int,
+    log_step: Callable | None,
+) -> steps.ModelResult:
+    """The method's model steps in order (QAT's train): they change the float model before quantization."""
+    result = steps.ModelResult()
+    model_steps = [s for s in steps.method_steps(method) if isinstance(s, steps.ModelStep)]
+    if not model_steps:
+        return result
+    context = steps.ModelContext(
+        model=model,
+        selected=selected,
+        method=method,
+        spec=quantize.weight_spec(method),
+        batches=batches,
+        seed=seed,
+        log_step=log_step or (lambda step, m: mlflow.log_metrics(m, step=step)),
+    )
+    for step in model_steps:
+        ran = step.run(context)
+        result.metrics.update(ran.metrics)
+        result.fixed_grid_layers |= ran.fixed_grid_layers
+    return result
 
 
 def _log_layer_table(records: list[quantize.LayerRecord]) -> None:

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,17 @@ from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams,
 
 log = logging.getLogger(__name__)
 LOSSES = ("ce", "kd")
+
+
+@dataclass(frozen=True)
+class FixedGrid:
+    """A layer's quantization grid fixed before its codes are chosen (QAT's trained scales): the
+    ``rtn`` codes step rounds the layer's weight onto it instead of choosing its own."""
+
+    spec: QuantSpec
+    block_size: tuple[int, int]
+    scale: torch.Tensor
+    zero: torch.Tensor | None
 
 
 class FakeQuantLinear(nn.Module):
@@ -69,6 +81,10 @@ class FakeQuantLinear(nn.Module):
     def fake_weight(self) -> torch.Tensor:
         scale, zero = self.qparams()
         return fake_quantize_ste(self.weight, scale, zero, self.spec, self.block_size)
+
+    def fixed_grid(self) -> FixedGrid:
+        """The trained grid the codes step rounds this layer onto."""
+        return trained_grid(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.teacher_weight if self.as_float else self.fake_weight()
@@ -189,10 +205,17 @@ def loss_on(
 
 
 @torch.no_grad()
-def converted(fake: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes, scale, zero) of a trained layer, in the method's storage dtypes."""
+def trained_grid(fake: FakeQuantLinear) -> FixedGrid:
+    """A trained layer's grid (its scales and zero points in the method's storage dtypes)."""
     scale, zero = fake.qparams()
     scale = scale.to(fake.spec.scale_dtype)
     if zero is not None:
         zero = zero.round().to(torch.uint8) if fake.spec.zero_point_domain == "int" else zero.to(fake.spec.scale_dtype)
-    return quantize(fake.weight, scale, zero, fake.spec, fake.block_size), scale, zero
+    return FixedGrid(fake.spec, fake.block_size, scale, zero)
+
+
+@torch.no_grad()
+def converted(fake: FakeQuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes, scale, zero) of a trained layer, in the method's storage dtypes."""
+    grid = trained_grid(fake)
+    return quantize(fake.weight, grid.scale, grid.zero, fake.spec, fake.block_size), grid.scale, grid.zero

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import layers, quantize, train
+from pipeline import layers, quantize, steps, train
 from pipeline.algorithms import awq, lowrank, sequential
 from pipeline.quant.primitives import QuantSpec
 
@@ -148,10 +148,14 @@ def test_w2_group_beats_2_bit_rtn_and_layer_overrides_keep_layers_wider():
     assert bits["down_proj"] == 4 and bits["q_proj"] == 2
 
 
+# w2_group without its AWQ and GPTQ steps, with HQQ's options (the ones w2_group.yaml's comment names)
+HQQ_ALONE = ("method.awq=null", "method.gptq=null", "+method.hqq={iters: 20, lp_norm: 0.7, beta: 10.0, kappa: 1.01}")
+
+
 def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
-    hqq_method = ("method.algorithm=hqq", "method.zero_point_domain=float", "method.awq=null")
+    hqq_method = ("method.steps=[hqq]", "method.zero_point_domain=float", *HQQ_ALONE)
     errors = {}
-    rtn_method = ("method.algorithm=rtn", "method.zero_point_domain=float", "method.awq=null")
+    rtn_method = ("method.steps=[rtn]", "method.zero_point_domain=float", "method.awq=null", "method.gptq=null")
     for name, overrides in (("rtn", rtn_method), ("hqq", hqq_method)):
         records = quantize.quantize_model(tiny_llama(), method_cfg("w2_group", *overrides), layers_cfg())
         errors[name] = sum(r.rel_error for r in records if r.quantized)
@@ -160,9 +164,7 @@ def test_hqq_lowers_the_weight_error_of_float_zero_rtn():
 
 def test_hqq_refuses_an_integer_zero_point():
     with pytest.raises(ValueError, match="zero_point_domain=float"):
-        quantize.quantize_model(
-            tiny_llama(), method_cfg("w2_group", "method.algorithm=hqq", "method.awq=null"), layers_cfg()
-        )
+        quantize.quantize_model(tiny_llama(), method_cfg("w2_group", "method.steps=[hqq]", *HQQ_ALONE), layers_cfg())
 
 
 def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
@@ -184,8 +186,9 @@ def test_a_qat_step_changes_weights_and_scales_and_lowers_the_loss():
     assert after < before and len(losses) == 8 and {"train_loss", "lr"} <= set(logged[0][1])
     assert not torch.equal(fake.weight, weight) and not torch.equal(fake.scale, scale)
     assert all(p.grad is None for n, p in model.named_parameters() if "embed" in n)
-    # conversion packs what training converged to
-    records = quantize.quantize_model(model, method, layers_cfg())
+    # conversion packs what training converged to: rtn rounds each layer onto its trained grid
+    trained = steps.ModelResult(fixed_grid_layers=frozenset(fakes))
+    records = quantize.quantize_model(model, method, layers_cfg(), prepared=trained)
     assert sum(r.quantized for r in records) == 14
     with torch.no_grad():
         packed = float(train.loss_on(model, batch, "ce"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import calibrate, evaluate, generation, layers, quantize, train
+from pipeline import calibrate, evaluate, generation, layers, quantize, steps, train
 from pipeline.device import module_device
 from pipeline.reference_store import FULL
 
@@ -50,7 +50,7 @@ def test_every_stage_keeps_its_tensors_on_the_models_device(name):
     with default_device_trap():
         reference = evaluate.score(model, tokens, EVAL, store=FULL)
         stats = None
-        if quantize.needs_calibration(method) and method.get("activations"):
+        if steps.needs_calibration(method) and method.get("activations"):
             stats = calibrate.collect_activation_stats(model, names, batches, seed=0)
         quantize.quantize_model(model, method, layers_cfg(), stats, calibration=batches)
         scores = evaluate.score(model, tokens, EVAL, reference=reference)  # the KL against it, window by window

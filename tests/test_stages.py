@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import layers_cfg, method_cfg, tiny_llama
 
-from pipeline import bandwidth, calibrate, evaluate, layers, profile, quantize, reference_store
+from pipeline import bandwidth, calibrate, evaluate, layers, profile, quantize, reference_store, steps
 from pipeline.quant.kernels import cpp
 from pipeline.quant.linear import QuantLinear
 
@@ -55,7 +55,7 @@ def test_selection_that_matches_nothing_says_what_layers_exist(llama):
 def test_every_preset_quantizes_and_runs(name, llama):
     method = method_cfg(name)
     names = list(layers.select_layers(llama, layers_cfg())[0])
-    stats = _stats(llama, names) if quantize.needs_calibration(method) else None
+    stats = _stats(llama, names) if steps.needs_calibration(method) else None
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
     before = llama(input_ids=ids).logits
     batches = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(4))
@@ -225,6 +225,9 @@ def test_aggregate_repeats():
     assert out == {"ppl_mean": 12.0, "ppl_std": pytest.approx(2.8284271)}
 
 
+HQQ = "{iters: 20, lp_norm: 0.7, beta: 10.0, kappa: 1.01}"
+
+
 @pytest.mark.parametrize(
     "name,overrides,described",
     [
@@ -235,20 +238,20 @@ def test_aggregate_repeats():
         ("qat", [], "qat(lsq,kd)+rtn"),
         ("qat", ["method.train.learnable_scale=false", "method.train.loss=ce"], "qat(minmax,ce)+rtn"),
         ("lowrank_w4", [], "lowrank(rank=16)+rtn"),
-        ("w2_group", ["method.algorithm=hqq", "method.awq=null"], "hqq"),
+        ("w2_group", ["method.steps=[hqq]", "method.awq=null", "method.gptq=null", f"+method.hqq={HQQ}"], "hqq"),
         ("group_wise", [], "rtn"),
         ("fp", [], "none"),
     ],
 )
 def test_algorithm_description_names_every_step_that_runs(name, overrides, described):
-    assert quantize.describe_algorithm(method_cfg(name, *overrides)) == described
+    assert steps.describe_steps(method_cfg(name, *overrides)) == described
 
 
-def test_run_tags_name_what_ran_and_keep_the_configured_algorithm(tmp_path):
+def test_run_tags_name_what_ran_and_keep_the_configured_steps(tmp_path):
     from conftest import compose_cfg
 
     from pipeline import run
 
     cfg = compose_cfg("method=activation_aware", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     _, _, tags, _ = run.prepare(cfg, ["method=activation_aware"])
-    assert tags["algorithm"] == "awq_scales+clip+rtn" and cfg.method.algorithm == "rtn"
+    assert tags["algorithm"] == "awq_scales+clip+rtn" and list(cfg.method.steps) == ["awq", "rtn"]

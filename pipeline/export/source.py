@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline import checkpoint, shipping
+from pipeline import checkpoint, shipping, steps
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def run_config(run_id: str) -> dict:
         except MlflowException as e:
             raise ValueError(f"run {run_id} has no config.yaml artifact, so it cannot be rebuilt: {e}") from e
         container = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if container["method"]["algorithm"] == "none":
+    container["method"] = steps.with_steps(container["method"])  # a run from before method.steps
+    if not steps.quantizes(container["method"]):
         raise ValueError(
             f"run {run_id} is the float reference (method {container['method']['name']}): nothing quantized"
         )
