@@ -290,6 +290,8 @@ def describe_algorithm(method: Mapping) -> str:
     if name == "none":
         return "none"
     steps = []
+    if method.get("smooth"):  # SmoothQuant rescales the float model before anything picks codes
+        steps.append(f"smooth(alpha={method['smooth'].get('alpha', 0.5)})")
     if method.get("train"):
         train = method["train"]
         steps.append(f"qat({'lsq' if train['learnable_scale'] else 'minmax'},{train['loss']})")
@@ -314,7 +316,12 @@ def needs_calibration(method: Mapping) -> bool:
     act = method.get("activations")
     if method["algorithm"] == "none":
         return False
-    return bool(act and act["mode"] == "static") or is_sequential(method) or bool(method.get("train"))
+    return (
+        bool(act and act["mode"] == "static")
+        or is_sequential(method)
+        or bool(method.get("train"))
+        or bool(method.get("smooth"))
+    )
 
 
 def layer_method(method: Mapping, name: str) -> Mapping:
@@ -502,6 +509,7 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
     offload: Mapping | None = None,
+    input_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
@@ -512,6 +520,8 @@ def quantize_model(
     the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
     ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
+    ``input_scales``: explicit per-input-channel multipliers (SmoothQuant's unfoldable scales) of
+    layers whose float weight already reads x * multiplier; round-to-nearest-style algorithms only.
     """
     timings = {} if timings is None else timings
     check_storage(layers_cfg)
@@ -533,6 +543,8 @@ def quantize_model(
     act = method.get("activations")
     if act and act["mode"] == "static" and stats is None:
         raise ValueError("static activation quantization needs calibration statistics")
+    if input_scales and is_sequential(method):
+        raise ValueError("explicit input_scales are for round-to-nearest-style algorithms, not block-by-block ones")
     if is_sequential(method) and calibration is None:
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
@@ -542,9 +554,19 @@ def quantize_model(
     if not is_sequential(method):
         for name in list(selected):
             module = selected.pop(name)
+            multiplier = (input_scales or {}).get(name)
             records.append(
                 _quantize_layer(
-                    model, name, module, method, kernels, act_stats=(stats or {}).get(name), timings=timings
+                    model,
+                    name,
+                    module,
+                    method,
+                    kernels,
+                    act_stats=(stats or {}).get(name),
+                    input_scale=multiplier,
+                    # the function the layer computed: its weight reads x * multiplier
+                    reference=None if multiplier is None else float_weight(module).float() * multiplier.float(),
+                    timings=timings,
                 )
             )
             del module

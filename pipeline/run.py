@@ -36,6 +36,7 @@ from pipeline import (
     tracking,
     train,
 )
+from pipeline.algorithms import smoothquant
 from pipeline.algorithms.sequential import check_offload
 from pipeline.data import calibration_batches
 from pipeline.load import check_fits, load_model, resolve_model_path
@@ -55,6 +56,7 @@ def check_method(method: Mapping) -> None:
     quantize.weight_spec(method)
     quantize.check_granularity(method)
     quantize.activation_quant(method)
+    smoothquant.check_smooth(method)
     if method.get("train"):
         train.check_options(method["train"])
     act = method.get("activations")
@@ -335,12 +337,15 @@ def quantize_stage(
     method = container["method"]
     torch.manual_seed(seed)
     selected, _ = layers.select_layers(model, container["layers"], check_coverage=method["algorithm"] != "none")
-    stats = batches = None
+    stats = batches = smoothed = None
     device = next(model.parameters()).device  # where it was loaded; a rebuild's config may predate `device`
     if quantize.needs_calibration(method):  # False for the fp reference
         start = time.perf_counter()
         with peaks.stage("calibrate", record, device):
             batches = make_batches()
+            if method.get("smooth"):  # before the statistics: static ranges are observed on smoothed inputs
+                smoothed = smoothquant.smooth_for_method(model, method, list(selected), batches, seed)
+                record({"smooth_alpha": smoothed.alpha, "smooth_explicit_layers": float(len(smoothed.input_scales))})
             act = method.get("activations")
             if act and act["mode"] == "static":
                 stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
@@ -363,6 +368,7 @@ def quantize_stage(
             calibration=batches,
             offload=container.get("offload"),  # absent from configs logged before it existed: none
             timings=steps,
+            input_scales=smoothed.input_scales if smoothed else None,
         )
         del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in steps.items()}})
