@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ALPHA = 0.5
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SEARCH_ROWS_PER_BATCH = 64  # calibration rows kept per layer and batch to score alpha candidates
+OBSERVER_SAMPLES = 16384  # values the static observer sees per candidate (calibrate draws 4096 per batch)
 _EPS = 1e-5  # floor of both maxima, as the paper's code: a dead channel gets a finite scale
 _UNSUPPORTED = ("awq", "train")  # keys whose algorithms calibrate on the unsmoothed model
 _SEQUENTIAL = ("gptq",)
@@ -337,35 +338,41 @@ class QuantSim:
 
 def _fake_quantize_input(rows: torch.Tensor, rec: InputStats, s: torch.Tensor, sim: QuantSim) -> torch.Tensor:
     """``rows / s`` through the activation quantizer: static ranges from the whole pass's extremes
-    and the sampled rows (the observer's samples), dynamic ones per row."""
+    with the observer's samples drawn from the rows (as many as calibration draws), dynamic per row."""
     x = rows / s
     scale = zero = None
     if sim.activation.mode == "static":
-        low, high = rec.channel_min / s, rec.channel_max / s
-        stats = ActivationStats(float(low.min().clamp_max(0)), float(high.max().clamp_min(0)), [x.reshape(-1)])
+        low, high = rec.channel_min.cpu() / s, rec.channel_max.cpu() / s
+        flat = x.reshape(-1)
+        picked = torch.randint(0, flat.numel(), (min(OBSERVER_SAMPLES, flat.numel()),), generator=_generator())
+        stats = ActivationStats(float(low.min().clamp_max(0)), float(high.max().clamp_min(0)), [flat[picked]])
         scale, zero = activation_qparams(stats, sim.activation.spec, sim.observer, sim.percentile)
     q, scale, zero, block = quantize_activation(x, sim.activation, scale, zero)
     return dequantize(q, scale, zero, block)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)  # the same observer samples for every alpha
 
 
 @torch.no_grad()
 def smoothing_error(
     model: nn.Module, groups: list[SmoothGroup], stats: Mapping[str, InputStats], alpha: float, sim: QuantSim
 ) -> float:
-    """Sum over the smoothed layers of ||Q(X/s) Q(W s)^T - X W^T||^2 / ||X W^T||^2 on the sampled rows."""
+    """Sum over the smoothed layers of ||Q(X/s) Q(W s)^T - X W^T||^2 / ||X W^T||^2 on sampled rows
+    (a group's layers read one tensor: they are scored on the rows sampled at its first reader)."""
     modules = dict(model.named_modules())
     total = 0.0
     for group in groups:
         s = group_scale(model, group, stats, alpha).cpu()
+        rec = stats[group.consumers[0]]
+        rows = torch.cat(rec.rows)
+        rows_q = _fake_quantize_input(rows, rec, s, sim)
         for consumer in group.consumers:
-            rec = stats[consumer]
-            rows = torch.cat(rec.rows)
             w = modules[consumer].weight.detach().float().cpu()
             reference = rows @ w.T
             block = block_size_for(w.shape, sim.granularity, sim.group_size)
-            low, high = rec.channel_min.cpu(), rec.channel_max.cpu()
-            cpu_rec = InputStats(low, high)
-            approx = _fake_quantize_input(rows, cpu_rec, s, sim) @ fake_quantize(w * s, sim.weight, block).T
+            approx = rows_q @ fake_quantize(w * s, sim.weight, block).T
             total += float((approx - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12))
     return total
 
