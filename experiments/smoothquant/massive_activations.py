@@ -33,7 +33,8 @@ def worst_layers(model, names: list[str], batches: torch.Tensor, tag: str, top: 
         token_max = x.abs().amax(-1)  # (batch, seq)
         channel_max = x.abs().reshape(-1, x.shape[-1]).amax(0)
         first, rest, median = float(token_max[:, 0].max()), float(token_max[:, 1:].max()), float(token_max.median())
-        rows.append((max(first, rest) / median, name, first, rest, median, float(channel_max.max() / channel_max.mean())))
+        channel_ratio = float(channel_max.max() / channel_max.mean())
+        rows.append((max(first, rest) / median, name, first, rest, median, channel_ratio))
     rows.sort(reverse=True)
     print(tag, "worst layers by max|x| / median token max|x|:")
     for ratio, name, first, rest, median, channel_ratio in rows[:top]:
