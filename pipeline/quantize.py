@@ -406,6 +406,8 @@ def quantize_model(
     the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
     ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
+    ``prepared.input_scales``: explicit per-input-channel multipliers (SmoothQuant's unfoldable scales) of
+    layers whose float weight already reads x * multiplier; round-to-nearest-style algorithms only.
     """
     timings = {} if timings is None else timings
     check_storage(layers_cfg)
@@ -435,6 +437,9 @@ def quantize_model(
     act = method.get("activations")
     if act and act["mode"] == "static" and stats is None:
         raise ValueError("static activation quantization needs calibration statistics")
+    input_scales = prepared.input_scales if prepared is not None else {}
+    if input_scales and step_registry.is_sequential(method):
+        raise ValueError("explicit input_scales are for round-to-nearest-style algorithms, not block-by-block ones")
     if step_registry.is_sequential(method) and calibration is None:
         raise ValueError(f"method {method['name']} calibrates block by block and needs calibration batches")
 
@@ -444,6 +449,7 @@ def quantize_model(
     if not step_registry.is_sequential(method):
         for name in list(selected):
             module = selected.pop(name)
+            multiplier = (input_scales or {}).get(name)
             records.append(
                 _quantize_layer(
                     model,
@@ -452,6 +458,9 @@ def quantize_model(
                     method,
                     kernels,
                     act_stats=(stats or {}).get(name),
+                    input_scale=multiplier,
+                    # the function the layer computed: its weight reads x * multiplier
+                    reference=None if multiplier is None else float_weight(module).float() * multiplier.float(),
                     timings=timings,
                     fixed_grid=name in fixed,
                 )

@@ -374,9 +374,6 @@ def quantize_stage(
         start = time.perf_counter()
         with peaks.stage("calibrate", record, device):
             batches = make_batches()
-            act = method.get("activations")
-            if act and act["mode"] == "static":
-                stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
         record({"calibrate_s": time.perf_counter() - start})
     start = time.perf_counter()
     # GPTQ and AWQ calibrate block by block inside quantize_model: their forward passes count here.
@@ -384,6 +381,11 @@ def quantize_stage(
         prepared = _run_model_steps(model, selected, method, batches, seed, log_step)
         if prepared.metrics:
             record(prepared.metrics)
+        act = method.get("activations")
+        if act and act["mode"] == "static":  # after the model steps: ranges observed on what they left
+            stats_start = time.perf_counter()
+            stats = calibrate.collect_activation_stats(model, list(selected), batches, seed=seed)
+            record({"activation_stats_s": time.perf_counter() - stats_start})
         del selected  # so that each float layer is freed as quantize_model replaces it
         timings: dict[str, float] = {}
         records = quantize.quantize_model(

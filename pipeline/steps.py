@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline import train
+from pipeline.algorithms import smoothquant
 from pipeline.algorithms.awq import apply_awq
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
@@ -68,6 +69,9 @@ class ModelResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     fixed_grid_layers: frozenset[str] = frozenset()
+    # explicit per-input-channel multipliers of layers whose float weight now reads x * multiplier
+    # (a rescaling no preceding module could absorb); the layer stores and counts it
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +105,8 @@ class Step:
     name: str
     describe: Callable[[Mapping], str]
     check: Callable[[Mapping], None] = lambda _options: None
+    # checks that need the whole method (its other steps, its activations, its bits), given the method
+    check_method: Callable[[Mapping], None] = lambda _method: None
     options: bool = True
     needs_calibration: bool = False
     timing: str = ""
@@ -206,6 +212,18 @@ def _train(ctx: ModelContext) -> ModelResult:
     return ModelResult({"train_s": time.perf_counter() - start}, frozenset(fakes))
 
 
+def _smooth(ctx: ModelContext) -> ModelResult:
+    """SmoothQuant: migrate activation outliers into the weights of the float model (same function)."""
+    start = time.perf_counter()
+    result = smoothquant.smooth_for_method(ctx.model, ctx.method, list(ctx.selected), ctx.batches, ctx.seed)
+    metrics = {
+        "smooth_alpha": result.alpha,
+        "smooth_explicit_layers": float(len(result.input_scales)),
+        "smooth_s": time.perf_counter() - start,
+    }
+    return ModelResult(metrics, input_scales=dict(result.input_scales))
+
+
 def _keys(step: str, *keys: str) -> Callable[[Mapping], None]:
     """A checker that ``method.<step>`` has every one of ``keys``."""
 
@@ -220,6 +238,14 @@ def _keys(step: str, *keys: str) -> Callable[[Mapping], None]:
 STEPS: dict[str, Step] = {
     step.name: step
     for step in (
+        ModelStep(
+            "smooth",
+            describe=lambda o: f"smooth(alpha={o.get('alpha', smoothquant.DEFAULT_ALPHA)})",
+            check=smoothquant.check_options,
+            check_method=smoothquant.check_in_method,
+            needs_calibration=True,
+            run=_smooth,
+        ),
         ModelStep(
             "train",
             describe=lambda o: f"qat({'lsq' if o['learnable_scale'] else 'minmax'},{o['loss']})",
@@ -331,6 +357,7 @@ def check_steps(method: Mapping) -> None:
         if not isinstance(options, Mapping):
             raise ValueError(f"step {step.name!r} needs its options under method.{step.name}, got {options!r}")
         step.check(options)
+        step.check_method(method)
 
 
 # -- what the steps imply -----------------------------------------------------------------------------
@@ -379,7 +406,7 @@ def steps_from_legacy(method: Mapping) -> list[str]:
     elif method.get("steps") is not None:
         steps = [n for n in method["steps"] if n not in codes] + [algorithm]
     else:
-        steps = [n for n in ("train", "awq") if method.get(n)]
+        steps = [n for n in ("smooth", "train", "awq") if method.get(n)]
         if "train" in steps and algorithm != "rtn":
             log.warning(
                 "method.algorithm=%s with method.train: QAT runs packed each trained layer by rounding on "

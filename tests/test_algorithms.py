@@ -314,9 +314,9 @@ def test_awq_does_not_fold_into_a_norm_that_scales_by_one_plus_weight():
             return x * (1 + self.weight)
 
     norm, s = OnePlusNorm(), torch.linspace(0.5, 2.0, 8)
-    assert not awq._fold_into_norm(norm, s) and torch.equal(norm.weight, torch.zeros(8))
+    assert not awq.fold_into_norm(norm, s) and torch.equal(norm.weight, torch.zeros(8))
     rms = torch.nn.RMSNorm(8).to(torch.bfloat16)
-    assert awq._fold_into_norm(rms, s) and torch.allclose(rms.weight.float(), 1 / s, rtol=1e-2)
+    assert awq.fold_into_norm(rms, s) and torch.allclose(rms.weight.float(), 1 / s, rtol=1e-2)
 
 
 @pytest.mark.parametrize("shape", [(48, 160), (160, 48)])

@@ -102,7 +102,7 @@ def _store_weight(layer: nn.Module, w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
+def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so.
 
     Whether the norm scales so is a property of its formula, checked on a float32 copy: in the
@@ -150,7 +150,7 @@ def apply_awq(
         weights = [_weight(layer) for layer in layers]
         blocks = [block_size_for(w.shape, granularity, group_size) for w in weights]
         s, _ = search_scale(gram, shared.channel_abs_mean, weights, spec, blocks, int(options["grid"]))
-        folded = not producer.startswith("#") and _fold_into_norm(modules[producer], s)
+        folded = not producer.startswith("#") and fold_into_norm(modules[producer], s)
         if not folded:
             s = 1 / (1 / s).to(torch.float16).float()  # the explicit scale is stored in fp16: use that value
         for member, layer, w, b in zip(members, layers, weights, blocks, strict=True):
