@@ -430,6 +430,8 @@ def quantize_model(
             "run them first (run.quantize_stage does) and pass their result as prepared"
         )
     fixed = prepared.fixed_grid_layers if prepared is not None else frozenset()
+    if prepared is not None and prepared.layer_overrides:  # a step's choice (allocate); the method's own win
+        method = {**method, "layer_overrides": [*(method.get("layer_overrides") or []), *prepared.layer_overrides]}
     for name in selected:
         weight_spec(layer_method(method, name))
         check_granularity(layer_method(method, name))

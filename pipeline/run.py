@@ -381,6 +381,9 @@ def quantize_stage(
         prepared = _run_model_steps(model, selected, method, batches, seed, log_step)
         if prepared.metrics:
             record(prepared.metrics)
+        if mlflow.active_run() is not None:  # a run's (a rebuild by pipeline.export has none to add to)
+            for artifact, content in prepared.artifacts.items():
+                mlflow.log_dict(content, artifact)
         act = method.get("activations")
         if act and act["mode"] == "static":  # after the model steps: ranges observed on what they left
             stats_start = time.perf_counter()
@@ -484,6 +487,9 @@ def _run_model_steps(
         ran = step.run(context)
         result.metrics.update(ran.metrics)
         result.fixed_grid_layers |= ran.fixed_grid_layers
+        result.input_scales.update(ran.input_scales)
+        result.layer_overrides += ran.layer_overrides
+        result.artifacts.update(ran.artifacts)
     return result
 
 

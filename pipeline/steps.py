@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline import train
-from pipeline.algorithms import smoothquant
+from pipeline.algorithms import allocate, smoothquant
 from pipeline.algorithms.awq import apply_awq
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
@@ -72,6 +72,10 @@ class ModelResult:
     # explicit per-input-channel multipliers of layers whose float weight now reads x * multiplier
     # (a rescaling no preceding module could absorb); the layer stores and counts it
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    # method.layer_overrides entries a step chose (mixed precision), applied after the method's own
+    layer_overrides: list[dict] = field(default_factory=list)
+    # JSON/YAML artifacts to log with the run, by file name
+    artifacts: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,6 +228,42 @@ def _smooth(ctx: ModelContext) -> ModelResult:
     return ModelResult(metrics, input_scales=dict(result.input_scales))
 
 
+def _allocate(ctx: ModelContext) -> ModelResult:
+    """Mixed precision: a width per layer under method.allocate.budget_bits, from Fisher sensitivities."""
+    start = time.perf_counter()
+    options, method = ctx.method["allocate"], ctx.method
+    batches = ctx.batches[: int(options["samples"])]
+    choices = allocate.measure(
+        ctx.model,
+        ctx.selected,
+        batches,
+        ctx.spec,
+        method["granularity"],
+        method["group_size"],
+        list(options["candidates"]),
+    )
+    choice = allocate.allocate(choices, float(options["budget_bits"]))
+    overrides = allocate.as_overrides(choice, int(method["bits"]))
+    table = [
+        {
+            "layer": c.name,
+            "bits": choice[c.name],
+            "bytes": c.bytes_by_bits[choice[c.name]],
+            **{f"sensitivity_{b}bit": c.sensitivity_by_bits[b] for b in sorted(c.sensitivity_by_bits)},
+        }
+        for c in choices
+    ]
+    widths = [choice[c.name] for c in choices]
+    metrics = {
+        "allocate_s": time.perf_counter() - start,
+        "allocate_bits_per_weight": allocate.average_bits(choices, choice),
+        **{f"allocate_layers_{b}bit": float(widths.count(b)) for b in sorted(set(options["candidates"]))},
+    }
+    log.info("allocate: %s", {b: widths.count(b) for b in sorted(set(widths))})
+    artifacts = {"allocation.json": table, "allocation_overrides.yaml": {"layer_overrides": overrides}}
+    return ModelResult(metrics, layer_overrides=overrides, artifacts=artifacts)
+
+
 def _keys(step: str, *keys: str) -> Callable[[Mapping], None]:
     """A checker that ``method.<step>`` has every one of ``keys``."""
 
@@ -238,6 +278,14 @@ def _keys(step: str, *keys: str) -> Callable[[Mapping], None]:
 STEPS: dict[str, Step] = {
     step.name: step
     for step in (
+        ModelStep(
+            "allocate",
+            describe=lambda o: f"allocate({o['budget_bits']}b:{'/'.join(map(str, o['candidates']))})",
+            check=allocate.check_option_keys,
+            check_method=lambda m: allocate.check_options(m["allocate"], m["bits"]),
+            needs_calibration=True,
+            run=_allocate,
+        ),
         ModelStep(
             "smooth",
             describe=lambda o: f"smooth(alpha={o.get('alpha', smoothquant.DEFAULT_ALPHA)})",
@@ -406,7 +454,7 @@ def steps_from_legacy(method: Mapping) -> list[str]:
     elif method.get("steps") is not None:
         steps = [n for n in method["steps"] if n not in codes] + [algorithm]
     else:
-        steps = [n for n in ("smooth", "train", "awq") if method.get(n)]
+        steps = [n for n in ("allocate", "smooth", "train", "awq") if method.get(n)]
         if "train" in steps and algorithm != "rtn":
             log.warning(
                 "method.algorithm=%s with method.train: QAT runs packed each trained layer by rounding on "

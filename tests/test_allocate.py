@@ -90,3 +90,35 @@ def test_fisher_sensitivities_rank_widths_and_are_reproducible():
 def test_bad_allocation_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         allocate.check_options(options, method_bits=4)
+
+
+def test_the_allocate_step_runs_in_the_quantize_stage_and_its_overrides_reproduce_it(monkeypatch):
+    """mixed_w3 end to end on a tiny model: mixed widths reach the quantized layers, they store at most
+    the budget, and the logged overrides with steps [gptq] reproduce the same weights without the step."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from pipeline import checkpoint, profile, run
+
+    artifacts = {}
+    monkeypatch.setattr(run.mlflow, "active_run", lambda: True)
+    monkeypatch.setattr(run.mlflow, "log_dict", lambda content, name: artifacts.__setitem__(name, content))
+
+    def quantized(*overrides, layer_overrides=()):
+        container = OmegaConf.to_container(compose_cfg("method=mixed_w3", *overrides), resolve=True)
+        container["method"]["group_size"] = 32
+        container["method"]["layer_overrides"] = list(layer_overrides)
+        model, logged = tiny_llama(), {}
+        run.quantize_stage(model, container, lambda: BATCHES, 0, "auto", logged.update, log_step=lambda *_: None)
+        return model, logged
+
+    model, logged = quantized("method.allocate.samples=2")
+    n_params, ref_bytes = profile.parameter_footprint(tiny_llama())
+    assert profile.memory_metrics(model, n_params, ref_bytes)["bits_per_weight"] <= 3.0
+    assert logged["allocate_bits_per_weight"] <= 3.0
+    assert len({m.spec.bits for m in model.modules() if hasattr(m, "packed")}) > 1  # mixed
+    overrides = artifacts["allocation_overrides.yaml"]["layer_overrides"]
+    assert len(artifacts["allocation.json"]) == 14 and overrides
+    again, _ = quantized("method.steps=[gptq]", "method.allocate=null", layer_overrides=overrides)
+    digest = [checkpoint.weights_sha256(checkpoint.model_tensors(m)[0]) for m in (model, again)]
+    assert digest[0] == digest[1]

@@ -36,15 +36,19 @@ from pipeline.quant.primitives import QuantSpec, block_size_for, fake_quantize
 OPTION_KEYS = {"budget_bits", "candidates", "samples"}
 
 
-def check_options(options: Mapping, method_bits: int) -> None:
-    """``method.allocate``: ``budget_bits`` (average stored bits per weight), ``candidates`` (widths to
-    choose from) and ``samples`` (calibration sequences for the Fisher), checked before any work."""
+def check_option_keys(options: Mapping) -> None:
     unknown, missing = set(options) - OPTION_KEYS, OPTION_KEYS - set(options)
     if unknown or missing:
         raise ValueError(
             f"method.allocate takes {', '.join(sorted(OPTION_KEYS))}; unknown: {sorted(unknown) or 'none'}, "
             f"missing: {sorted(missing) or 'none'}"
         )
+
+
+def check_options(options: Mapping, method_bits: int) -> None:
+    """``method.allocate``: ``budget_bits`` (average stored bits per weight), ``candidates`` (widths to
+    choose from) and ``samples`` (calibration sequences for the Fisher), checked before any work."""
+    check_option_keys(options)
     candidates = options["candidates"]
     if not isinstance(candidates, list | tuple) or len(candidates) < 2:
         raise ValueError(f"method.allocate.candidates must list at least two widths, got {candidates!r}")
