@@ -30,8 +30,11 @@ EXPECTED = {
     "ptq_dynamic": "checkpoint,compressed-tensors",
     "ptq_static": "checkpoint,compressed-tensors",
     "qat": "checkpoint,compressed-tensors,gguf:Q4_1",
+    "smoothquant_dynamic": "checkpoint,compressed-tensors",
+    "smoothquant_static": "checkpoint,compressed-tensors",
     "symmetric": "checkpoint,compressed-tensors,gguf:Q4_0",
     "w2_group": "checkpoint",
+    "mixed_w3": "checkpoint",
     "w3_group": "checkpoint",
     "weight_only": "checkpoint,compressed-tensors,gguf:Q8_0",
 }
