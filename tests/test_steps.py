@@ -27,8 +27,8 @@ def _with(name: str, **changes) -> dict:
 @pytest.mark.parametrize(
     ("method", "message"),
     [
-        (_with("group_wise", steps="rtn"), r"method.steps must be a list of step names \(smooth, train, awq"),
-        (_with("group_wise", steps=["rtn", "smoothquant"]), r"unknown step.*'smoothquant'.*allowed: smooth, train"),
+        (_with("group_wise", steps="rtn"), r"method.steps must be a list of step names \(allocate, smooth, train, awq"),
+        (_with("group_wise", steps=["rtn", "smoothquant"]), r"'smoothquant'.*allowed: allocate, smooth, train"),
         (_with("activation_aware", steps=["awq"]), r"must end with exactly one codes step \(rtn, gptq, hqq, lowrank\)"),
         (_with("gptq", steps=["gptq", "rtn"]), "must end with exactly one codes step"),
         (_with("gptq", steps=["rtn", "rtn"], gptq=None), "lists a step twice"),
