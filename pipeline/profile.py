@@ -390,8 +390,9 @@ def _speed_from_runs(runs: Mapping[str, list[Generation]], decoded: int, suffix:
             f"{prefix}speedup_vs_ref{suffix}",
             f"{prefix}speed_noise_pct{suffix}",
             f"{prefix}speedup_is_win{suffix}",
-            paired=[r / q for r, q in zip(ref, quant, strict=True)],
-            self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
+            ref_a,
+            quant,
+            ref_b,
         )
     return metrics
 
@@ -433,8 +434,9 @@ def compiled_metrics(times: Mapping[str, list[float] | float], decoded: int, suf
             f"speedup_vs_ref_compiled{suffix}",
             f"speed_noise_pct_compiled{suffix}",
             f"speedup_is_win_compiled{suffix}",
-            paired=[r / q for r, q in zip(ref, times["quant"], strict=True)],
-            self_ratios=[a / b for a, b in zip(times["ref_a"], times["ref_b"], strict=True)],
+            times["ref_a"],
+            times["quant"],
+            times["ref_b"],
         ),
     }
 
@@ -501,15 +503,20 @@ def usage_metrics(
                 f"{prefix}{ratio_name}_saving_vs_ref{suffix}",
                 f"{prefix}{ratio_name}_noise_pct{suffix}",
                 f"{prefix}{ratio_name}_saving_is_win{suffix}",
-                paired=[r / q for r, q in zip(ref, quant, strict=True)],
-                self_ratios=[a / b for a, b in zip(ref_a, ref_b, strict=True)],
+                ref_a,
+                quant,
+                ref_b,
             )
     return out
 
 
 def _ratio_metrics(
-    name: str, noise_name: str, win_name: str, paired: list[float], self_ratios: list[float]
+    name: str, noise_name: str, win_name: str, ref_a: list[float], quant: list[float], ref_b: list[float]
 ) -> dict[str, float]:
+    """From per-repeat costs (seconds, CPU seconds, joules): ``name`` = median of mean(A, B) / model, its
+    interval, ``noise_name`` (the reference against itself, A / B) and ``win_name``."""
+    paired = [(a + b) / 2 / q for a, q, b in zip(ref_a, quant, ref_b, strict=True)]
+    self_ratios = [a / b for a, b in zip(ref_a, ref_b, strict=True)]
     noise = abs(statistics.median(self_ratios) - 1.0)
     out = {name: statistics.median(paired), noise_name: 100.0 * noise}
     if len(paired) >= 2:

@@ -159,14 +159,20 @@ def test_t_interval_over_repeats():
         stats.log_ratio_t_interval([1.5])
 
 
+def _timings(paired: list[float], self_ratio: float) -> tuple[list[float], list[float], list[float]]:
+    """(ref A, model, ref B) per repeat whose mean(A, B) / model is ``paired`` and A / B ``self_ratio``."""
+    ref_b = [2 / (1 + self_ratio)] * len(paired)
+    return [self_ratio * b for b in ref_b], [1 / p for p in paired], ref_b
+
+
 def test_speed_ratio_metrics_define_noise_and_win():
     # ref A / ref B reads 1.03 in every repeat: 3% noise; a 1.05x speed-up with a tight interval
     # clears it, a 1.02x one does not.
-    win = profile._ratio_metrics("s", "n", "w", paired=[1.05, 1.051, 1.049], self_ratios=[1.03] * 3)
+    win = profile._ratio_metrics("s", "n", "w", *_timings([1.05, 1.051, 1.049], 1.03))
     assert win["n"] == pytest.approx(3.0) and win["w"] == 1.0 and win["s_ci_low"] > 1.03
-    inside = profile._ratio_metrics("s", "n", "w", paired=[1.02, 1.021, 1.019], self_ratios=[1.03] * 3)
+    inside = profile._ratio_metrics("s", "n", "w", *_timings([1.02, 1.021, 1.019], 1.03))
     assert inside["s_ci_low"] > 1.0 and inside["w"] == 0.0
-    single = profile._ratio_metrics("s", "n", "w", paired=[1.5], self_ratios=[1.0])
+    single = profile._ratio_metrics("s", "n", "w", *_timings([1.5], 1.0))
     assert set(single) == {"s", "n"}  # one repeat: no interval, no verdict
 
 
