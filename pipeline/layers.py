@@ -42,6 +42,12 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     return w.t().contiguous() if isinstance(module, Conv1D) else w
 
 
+@torch.no_grad()
+def store_float_weight(module: nn.Module, w: torch.Tensor) -> None:
+    """Write a float (out, in) weight back into ``module`` in its own layout and dtype (``float_weight``'s inverse)."""
+    module.weight.copy_((w.t() if isinstance(module, Conv1D) else w).to(module.weight.dtype))
+
+
 @dataclass
 class WeightMatrix:
     """One weight matrix of a model: a linear layer, named by its module, with shape (out, in); or

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline import steps as step_registry
-from pipeline.algorithms.sequential import LayerInputs, run_blocks
+from pipeline.algorithms.sequential import LayerInputs, block_output, run_blocks
 from pipeline.calibrate import ActivationStats, activation_qparams
 from pipeline.kept import describe_kept, keep_dtype, store_kept
 from pipeline.layers import (
@@ -35,6 +35,7 @@ from pipeline.quant.embedding import QuantEmbedding
 from pipeline.quant.linear import ActivationQuant, QuantLinear
 from pipeline.quant.primitives import QuantSpec, block_size_for
 from pipeline.steps import BlockContext, BlockStep, ModelResult
+from pipeline.train import FixedGrid
 
 log = logging.getLogger(__name__)
 
@@ -224,21 +225,20 @@ def _quantize_layer(
     input_scale: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
     timings: dict[str, float] | None = None,
-    fixed_grid: bool = False,
+    grid: FixedGrid | None = None,
 ) -> LayerRecord:
     """Replace one layer by its QuantLinear; ``reference`` is the original float weight (out, in).
 
-    ``fixed_grid``: a model step left the module carrying its grid (``module.fixed_grid()``, QAT's
-    trained one), which the codes step rounds onto. ``timings`` gets the seconds of the codes step
-    (or of its own parts) and of packing (``pack``) added."""
+    ``grid``: the layer's grid fixed by an earlier step (QAT's trained one, reconstruction's learned
+    one), which the codes step rounds onto. ``timings`` gets the seconds of the codes step (or of its
+    own parts) and of packing (``pack``) added."""
     timings = {} if timings is None else timings
     method = layer_method(method, name)
     spec, act = weight_spec(method), activation_quant(method)
     weight = float_weight(module).float()
     codes_step = step_registry.codes_step(method)
     options, own, start = step_registry.options_of(method, codes_step), {}, time.perf_counter()
-    if fixed_grid:
-        grid = module.fixed_grid()
+    if grid is not None:
         block = grid.block_size
         result = codes_step.run(weight, spec, block, inputs, options, own, grid=grid)
     else:
@@ -394,6 +394,7 @@ def quantize_model(
     timings: dict[str, float] | None = None,
     offload: Mapping | None = None,
     prepared: ModelResult | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> list[LayerRecord]:
     """Replace the selected layers of ``model`` in place; return the per-layer table.
 
@@ -405,7 +406,8 @@ def quantize_model(
     ``calibration`` (token batches) serves the block-by-block steps (GPTQ, AWQ), which keep
     the blocks not being calibrated where ``offload`` says (``{weights: none|cpu|disk, folder}``).
     ``timings`` gets the seconds of each step added (e.g. ``hessian``, ``sweep``, ``awq_search``,
-    ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs).
+    ``lowrank``, ``pack``, ``block_forward``: the block-by-block passes that record the inputs);
+    ``metrics`` the block steps' metrics, each averaged over the blocks (e.g. ``reconstruct_mse_ratio``).
     ``prepared.input_scales``: explicit per-input-channel multipliers (SmoothQuant's unfoldable scales) of
     layers whose float weight already reads x * multiplier; round-to-nearest-style algorithms only.
     """
@@ -464,32 +466,51 @@ def quantize_model(
                     # the function the layer computed: its weight reads x * multiplier
                     reference=None if multiplier is None else float_weight(module).float() * multiplier.float(),
                     timings=timings,
-                    fixed_grid=name in fixed,
+                    grid=module.fixed_grid() if name in fixed else None,
                 )
             )
             del module
     else:
         block_steps = [s for s in steps if isinstance(s, BlockStep)]
+        block_metrics: dict[str, list[float]] = {}
 
         in_blocks = 0.0  # seconds inside quantize_block: the rest of run_blocks is its forward passes
 
-        def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], _state) -> None:
+        def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], state: list) -> None:
             nonlocal in_blocks
             start = time.perf_counter()
             block = model.get_submodule(block_name)
             # the float weights before the block steps change them, for the layer table's error
             # (without block steps the layer's own weight serves, and no copy is held)
             originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if block_steps else {}
+            targets = None
+            if any(s.needs_targets for s in block_steps):  # the float block's outputs, before any step changes it
+                targets = [block_output(block, hidden, kwargs) for hidden, kwargs in state]
+            specs = {}
+            for name in inputs:
+                own = layer_method(method, name)
+                shape = tuple(float_weight(selected[name]).shape)
+                specs[name] = (weight_spec(own), block_size_for(shape, own["granularity"], own["group_size"]))
             scales: dict[str, tuple[torch.Tensor, bool]] = {}
+            grids: dict[str, FixedGrid] = {}
             for step in block_steps:
                 step_start = time.perf_counter()
-                rescaled = step.run(BlockContext(block, block_name, inputs, method, weight_spec(method)))
+                multipliers = {n: (1 / s).to(torch.float16) for n, (s, folded) in scales.items() if not folded}
+                context = BlockContext(
+                    block, block_name, inputs, method, weight_spec(method), specs, state, targets, multipliers
+                )
+                result = step.run(context)
                 _add(timings, {step.timing or step.name: time.perf_counter() - step_start})
-                twice = sorted(set(rescaled) & set(scales))
+                twice = sorted(set(result.rescaled) & set(scales))
                 if twice:  # two input rescalings of one layer would need composing, which no step does yet
                     raise ValueError(f"block step {step.name} rescales {twice[0]}'s input a second time")
-                scales.update(rescaled)
+                scales.update(result.rescaled)
+                grids.update(result.grids)
+                for key, value in result.metrics.items():
+                    block_metrics.setdefault(key, []).append(value)
+            del targets
             for name, layer_inputs in inputs.items():
+                grid = grids.get(name) or (selected[name].fixed_grid() if name in fixed else None)
                 s, folded = scales.get(name, (None, True))
                 reference = originals.pop(name, None)
                 if s is not None:
@@ -507,7 +528,7 @@ def quantize_model(
                         input_scale=None if folded else (1 / s).to(torch.float16),
                         reference=reference,
                         timings=timings,
-                        fixed_grid=name in fixed,
+                        grid=grid,
                     )
                 )
             in_blocks += time.perf_counter() - start
@@ -523,6 +544,8 @@ def quantize_model(
             folder=(offload or {}).get("folder"),
         )
         _add(timings, {"block_forward": time.perf_counter() - start - in_blocks})
+        if metrics is not None:
+            metrics.update({key: sum(values) / len(values) for key, values in block_metrics.items()})
     if embeddings is not None:
         records += quantize_embeddings(model, embeddings, kernels, activation_dtype)
         quantized_names = {r.layer for r in records}

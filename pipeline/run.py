@@ -391,6 +391,7 @@ def quantize_stage(
             record({"activation_stats_s": time.perf_counter() - stats_start})
         del selected  # so that each float layer is freed as quantize_model replaces it
         timings: dict[str, float] = {}
+        block_metrics: dict[str, float] = {}
         records = quantize.quantize_model(
             model,
             method,
@@ -401,9 +402,12 @@ def quantize_stage(
             offload=container.get("offload"),  # absent from configs logged before it existed: none
             timings=timings,
             prepared=prepared,
+            metrics=block_metrics,
         )
         del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
     record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in timings.items()}})
+    if block_metrics:
+        record(block_metrics)
     return records
 
 

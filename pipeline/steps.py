@@ -9,10 +9,11 @@ Each step has a kind that says when it runs; the kinds run in this order:
     carries metrics to record (e.g. ``train_s``) and the layers whose module now carries its own
     grid (``fixed_grid()``, see ``train.FixedGrid``), which the codes step must round onto.
 ``block`` (``BlockStep``): inside each decoder block's calibration pass (``run_blocks``), after the
-    block's inputs are recorded and before its codes are chosen, e.g. ``awq``. ``run(BlockContext)``
-    may change the block's float weights in place and returns, per layer it rescaled, ``(s, folded)``:
-    the layer's input is now divided by ``s``, by the preceding norm (folded) or by an explicit input
-    scale that the layer stores.
+    block's inputs are recorded and before its codes are chosen, e.g. ``awq``, ``reconstruct``.
+    ``run(BlockContext) -> BlockResult``: it may change the block's float weights in place; its result
+    carries, per layer it rescaled, ``(s, folded)`` (the layer's input is now divided by ``s``, by the
+    preceding norm (folded) or by an explicit input scale that the layer stores), the grids it fixed
+    (``train.FixedGrid``, rounded onto by the codes step) and metrics (averaged over blocks).
 ``codes`` (``CodesStep``): picks one layer's integer codes, e.g. ``rtn``, ``gptq``, ``hqq``,
     ``lowrank``. ``run(weight, spec, block_size, inputs, options, timings) -> QuantizedWeight``;
     exactly one per method, and last.
@@ -33,13 +34,13 @@ import torch
 from torch import nn
 
 from pipeline import train
-from pipeline.algorithms import allocate, smoothquant
+from pipeline.algorithms import allocate, reconstruct, smoothquant
 from pipeline.algorithms.awq import apply_awq
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
 from pipeline.algorithms.sequential import LayerInputs
-from pipeline.layers import float_weight
+from pipeline.layers import float_weight, store_float_weight
 from pipeline.quant.primitives import QuantSpec, choose_qparams, quantize
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,32 @@ class ModelResult:
 @dataclass
 class BlockContext:
     """What a block step gets: one decoder block (by its path), its selected layers' recorded inputs
-    (full layer name -> LayerInputs), the method and its weight spec."""
+    (full layer name -> LayerInputs), the method and its weight spec; each layer's own spec and block
+    size (``method.layer_overrides`` applied); the calibration pass's (hidden, kwargs) batches at the
+    block's input, the float block's outputs on them (``targets``: only for a step that
+    ``needs_targets``, computed before any block step ran), and the explicit input multipliers that
+    earlier block steps gave layers (their float module does not apply them: a step that runs the
+    block must)."""
 
     block: nn.Module
     block_name: str
     inputs: Mapping[str, LayerInputs]
     method: Mapping
     spec: QuantSpec
+    layer_specs: Mapping[str, tuple[QuantSpec, tuple[int, int]]] = field(default_factory=dict)
+    state: list = field(default_factory=list)
+    targets: list[torch.Tensor] | None = None
+    input_multipliers: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class BlockResult:
+    """What a block step leaves: input rescalings ``(s, folded)`` and fixed grids, by full layer name,
+    and metrics of this block (the stage logs their mean over blocks)."""
+
+    rescaled: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)
+    grids: dict[str, train.FixedGrid] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,6 +134,7 @@ class Step:
     options: bool = True
     needs_calibration: bool = False
     timing: str = ""
+    fixes_grid: bool = False  # leaves each selected layer's grid fixed: only a grid-rounding codes step may follow
 
     @property
     def kind(self) -> str:
@@ -123,7 +144,6 @@ class Step:
 @dataclass(frozen=True)
 class ModelStep(Step):
     run: Callable[[ModelContext], ModelResult] = None  # type: ignore[assignment]
-    fixes_grid: bool = False  # leaves each selected layer's grid fixed: only a grid-rounding codes step may follow
 
     @property
     def kind(self) -> str:
@@ -132,8 +152,9 @@ class ModelStep(Step):
 
 @dataclass(frozen=True)
 class BlockStep(Step):
-    run: Callable[[BlockContext], Mapping[str, tuple[torch.Tensor, bool]]] = None  # type: ignore[assignment]
+    run: Callable[[BlockContext], BlockResult] = None  # type: ignore[assignment]
     needs_calibration: bool = True  # a block step runs inside the calibration pass
+    needs_targets: bool = False  # reads the float block's outputs (BlockContext.targets)
 
     @property
     def kind(self) -> str:
@@ -200,10 +221,39 @@ def _lowrank(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight
     return QuantizedWeight(codes, scale, zero, (a, b))
 
 
-def _awq(ctx: BlockContext) -> Mapping[str, tuple[torch.Tensor, bool]]:
+def _awq(ctx: BlockContext) -> BlockResult:
     method = ctx.method
-    return apply_awq(
+    rescaled = apply_awq(
         ctx.block, ctx.block_name, ctx.inputs, ctx.spec, method["granularity"], method["group_size"], method["awq"]
+    )
+    return BlockResult(rescaled=rescaled)
+
+
+def _reconstruct(ctx: BlockContext) -> BlockResult:
+    """Block-wise reconstruction: learned clipping (and weights) per layer; each layer's grid is fixed."""
+    prefix = ctx.block_name + "."
+    modules = dict(ctx.block.named_modules())
+    layers = {
+        full.removeprefix(prefix): (float_weight(modules[full.removeprefix(prefix)]).float(), spec, size)
+        for full, (spec, size) in ctx.layer_specs.items()
+    }
+    multipliers = {full.removeprefix(prefix): m for full, m in ctx.input_multipliers.items()}
+    results, errors = reconstruct.reconstruct_block(
+        ctx.block, layers, ctx.state, ctx.targets, ctx.method["reconstruct"], multipliers
+    )
+    grids = {}
+    for local, r in results.items():
+        spec, size = layers[local][1], layers[local][2]
+        store_float_weight(modules[local], r.weight)
+        grids[prefix + local] = train.FixedGrid(spec, size, r.scale, r.zero)
+    log.info("reconstruct %s: block output mse %.3g -> %.3g", ctx.block_name, errors["mse_before"], errors["mse_after"])
+    return BlockResult(
+        grids=grids,
+        metrics={
+            "reconstruct_mse_before": errors["mse_before"],
+            "reconstruct_mse_after": errors["mse_after"],
+            "reconstruct_mse_ratio": errors["mse_after"] / max(errors["mse_before"], 1e-30),
+        },
     )
 
 
@@ -309,6 +359,15 @@ STEPS: dict[str, Step] = {
             run=_awq,
             timing="awq_search",
         ),
+        BlockStep(
+            "reconstruct",
+            describe=lambda o: f"reconstruct(lwc{'+weights' if o['weight_lr'] is not None else ''},{o['epochs']}ep)",
+            check=reconstruct.check_options,
+            run=_reconstruct,
+            timing="reconstruct",
+            fixes_grid=True,
+            needs_targets=True,
+        ),
         CodesStep("rtn", describe=lambda _o: "rtn", options=False, run=_rtn, rounds_fixed_grid=True),
         CodesStep(
             "gptq",
@@ -389,7 +448,7 @@ def check_steps(method: Mapping) -> None:
         described = ", ".join(f"{n} ({k})" for n, k in zip(names, kinds, strict=True))
         raise ValueError(f"method.steps runs model steps, then block steps, then the codes step; got {described}")
     for index, step in enumerate(steps):
-        if isinstance(step, ModelStep) and step.fixes_grid:
+        if step.fixes_grid:
             after = steps[index + 1]
             if not (isinstance(after, CodesStep) and after.rounds_fixed_grid):
                 grid_codes = [n for n, s in STEPS.items() if isinstance(s, CodesStep) and s.rounds_fixed_grid]

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from pipeline.algorithms.sequential import LayerInputs
+from pipeline.layers import float_weight, store_float_weight
 from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, fake_quantize, quantize
 
 
@@ -90,17 +90,6 @@ def search_clip(
     return torch.maximum(torch.minimum(wg, limit_hi), limit_lo).reshape(rows, cols)
 
 
-def _weight(layer: nn.Module) -> torch.Tensor:
-    """The weight as float (out, in): GPT-2's Conv1D stores it as (in, out)."""
-    w = layer.weight.detach().float()
-    return w.t() if isinstance(layer, Conv1D) else w
-
-
-def _store_weight(layer: nn.Module, w: torch.Tensor) -> None:
-    """Write a float (out, in) weight back in the layer's own layout and dtype."""
-    layer.weight.copy_((w.t() if isinstance(layer, Conv1D) else w).to(layer.weight.dtype))
-
-
 @torch.no_grad()
 def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so.
@@ -147,7 +136,7 @@ def apply_awq(
         shared = inputs[members[0]]  # members read the same tensor
         gram = shared.hessian.hessian.float()  # 2/n X^T X: the scale does not move the argmin
         layers = [modules[m.removeprefix(block_name + ".")] for m in members]
-        weights = [_weight(layer) for layer in layers]
+        weights = [float_weight(layer).float() for layer in layers]
         blocks = [block_size_for(w.shape, granularity, group_size) for w in weights]
         s, _ = search_scale(gram, shared.channel_abs_mean, weights, spec, blocks, int(options["grid"]))
         folded = not producer.startswith("#") and fold_into_norm(modules[producer], s)
@@ -158,6 +147,6 @@ def apply_awq(
             if options["clip"]:
                 gram_scaled = gram / s[:, None] / s[None, :]  # the Gram matrix of x / s
                 scaled = search_clip(gram_scaled, scaled, spec, b, int(options["grid"]), float(options["max_shrink"]))
-            _store_weight(layer, scaled)
+            store_float_weight(layer, scaled)
             result[member] = (s, folded)
     return result

@@ -133,7 +133,7 @@ class _Onloader:
             block.to(self.device)
 
 
-def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -179,7 +179,7 @@ def run_blocks(
                 inputs = _record(block, local, state, hessian)
                 quantize_block(block_name, inputs, state)
                 del inputs
-            state = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
+            state = [(block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
 def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bool) -> dict[str, LayerInputs]:
@@ -222,7 +222,7 @@ def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bo
     ]
     try:
         for hidden, kwargs in state:
-            _block_output(block, hidden, kwargs)
+            block_output(block, hidden, kwargs)
             produced_by.clear()
             products.clear()
     finally:
