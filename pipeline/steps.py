@@ -84,8 +84,8 @@ class BlockContext:
     """What a block step gets: one decoder block (by its path), its selected layers' recorded inputs
     (full layer name -> LayerInputs), the method and its weight spec; each layer's own spec and block
     size (``method.layer_overrides`` applied); the calibration pass's (hidden, kwargs) batches at the
-    block's input, the float block's outputs on them (``targets``: only for a step that
-    ``needs_targets``, computed before any block step ran), and the explicit input multipliers that
+    block's input; the float block's outputs (``targets``, for a step whose ``targets`` asks: on those
+    inputs, or on the float model's own, computed before any block step ran); the explicit input multipliers that
     earlier block steps gave layers (their float module does not apply them: a step that runs the
     block must)."""
 
@@ -134,7 +134,9 @@ class Step:
     options: bool = True
     needs_calibration: bool = False
     timing: str = ""
-    fixes_grid: bool = False  # leaves each selected layer's grid fixed: only a grid-rounding codes step may follow
+    # leaves each selected layer's grid fixed: the codes steps (named) that can round onto it, one of
+    # which must come right after it; empty: fixes no grid
+    grid_codes: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -154,7 +156,9 @@ class ModelStep(Step):
 class BlockStep(Step):
     run: Callable[[BlockContext], BlockResult] = None  # type: ignore[assignment]
     needs_calibration: bool = True  # a block step runs inside the calibration pass
-    needs_targets: bool = False  # reads the float block's outputs (BlockContext.targets)
+    # which float outputs it reads as BlockContext.targets, given its options: None (none), "block" (the
+    # float block on the partly quantized model's inputs) or "float" (on the float model's own inputs)
+    targets: Callable[[Mapping], str | None] = lambda _options: None
 
     @property
     def kind(self) -> str:
@@ -165,7 +169,6 @@ class BlockStep(Step):
 class CodesStep(Step):
     run: Callable[..., QuantizedWeight] = None  # type: ignore[assignment]
     needs_hessian: bool = False  # needs the block-by-block pass's Hessian of the layer's inputs
-    rounds_fixed_grid: bool = False  # can round onto a grid an earlier step fixed (a FixedGrid)
 
     @property
     def kind(self) -> str:
@@ -181,7 +184,9 @@ def _rtn(weight, spec, block, _inputs, _options, _timings, grid: train.FixedGrid
     return QuantizedWeight(quantize(weight, scale, zero, spec, block), scale, zero)
 
 
-def _gptq(weight, spec, block, inputs: LayerInputs, options, timings: dict[str, float]) -> QuantizedWeight:
+def _gptq(
+    weight, spec, block, inputs: LayerInputs, options, timings: dict[str, float], grid: train.FixedGrid | None = None
+) -> QuantizedWeight:
     hessian = inputs.hessian.hessian
     inputs.hessian = None  # the accumulated sum (layers sharing an input release it with the last of them)
     if inputs.input_multiplier is not None:  # inputs were recorded before a rescaling x -> x * m
@@ -197,6 +202,7 @@ def _gptq(weight, spec, block, inputs: LayerInputs, options, timings: dict[str, 
         act_order=bool(options["act_order"]),
         threads=options.get("threads"),
         timings=timings,
+        grid=None if grid is None else (grid.scale, grid.zero),  # a grid fixed by an earlier step: round onto it
     )
     return QuantizedWeight(codes, scale, zero)
 
@@ -350,7 +356,7 @@ STEPS: dict[str, Step] = {
             check=train.check_options,
             needs_calibration=True,
             run=_train,
-            fixes_grid=True,
+            grid_codes=("rtn",),  # a trained layer is a FakeQuantLinear: its grid and weight are final
         ),
         BlockStep(
             "awq",
@@ -365,10 +371,10 @@ STEPS: dict[str, Step] = {
             check=reconstruct.check_options,
             run=_reconstruct,
             timing="reconstruct",
-            fixes_grid=True,
-            needs_targets=True,
+            grid_codes=("rtn", "gptq"),  # gptq: error feedback on the learned grid
+            targets=lambda o: o["target"],
         ),
-        CodesStep("rtn", describe=lambda _o: "rtn", options=False, run=_rtn, rounds_fixed_grid=True),
+        CodesStep("rtn", describe=lambda _o: "rtn", options=False, run=_rtn),
         CodesStep(
             "gptq",
             describe=lambda o: "gptq(act_order)" if o["act_order"] else "gptq",
@@ -448,14 +454,11 @@ def check_steps(method: Mapping) -> None:
         described = ", ".join(f"{n} ({k})" for n, k in zip(names, kinds, strict=True))
         raise ValueError(f"method.steps runs model steps, then block steps, then the codes step; got {described}")
     for index, step in enumerate(steps):
-        if step.fixes_grid:
-            after = steps[index + 1]
-            if not (isinstance(after, CodesStep) and after.rounds_fixed_grid):
-                grid_codes = [n for n, s in STEPS.items() if isinstance(s, CodesStep) and s.rounds_fixed_grid]
-                raise ValueError(
-                    f"{step.name} fixes each layer's grid, so it must come right before a codes step that rounds "
-                    f"onto that grid ({', '.join(grid_codes)}), got {after.name!r} after it"
-                )
+        if step.grid_codes and steps[index + 1].name not in step.grid_codes:
+            raise ValueError(
+                f"{step.name} fixes each layer's grid, so it must come right before a codes step that rounds "
+                f"onto that grid ({', '.join(step.grid_codes)}), got {steps[index + 1].name!r} after it"
+            )
         options = method.get(step.name)
         if not step.options:
             if options is not None:
@@ -513,7 +516,7 @@ def steps_from_legacy(method: Mapping) -> list[str]:
     elif method.get("steps") is not None:
         steps = [n for n in method["steps"] if n not in codes] + [algorithm]
     else:
-        steps = [n for n in ("allocate", "smooth", "train", "awq") if method.get(n)]
+        steps = [n for n in ("allocate", "smooth", "train", "awq", "reconstruct") if method.get(n)]
         if "train" in steps and algorithm != "rtn":
             log.warning(
                 "method.algorithm=%s with method.train: QAT runs packed each trained layer by rounding on "

@@ -34,7 +34,7 @@ def test_decoder_blocks_and_recorded_inputs():
     assert prefix == "model.layers" and len(blocks) == 2
     names = list(layers.select_layers(model, layers_cfg())[0])
     seen = {}
-    sequential.run_blocks(model, names, BATCHES, lambda b, inputs, _s: seen.update(inputs), hessian=True)
+    sequential.run_blocks(model, names, BATCHES, lambda b, inputs, _s, _f: seen.update(inputs), hessian=True)
     q, o, down = (seen[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"))
     assert q.producer == "input_layernorm" and o.producer is None and down.producer is None
     assert q.hessian.hessian.shape == (64, 64) and down.hessian.hessian.shape == (128, 128)
@@ -267,7 +267,7 @@ def test_awq_scaling_and_folding_keep_the_float_function(build):
     options = {**method["awq"], "clip": False}
     folded = {}
 
-    def scale_block(block_name, inputs, _state):
+    def scale_block(block_name, inputs, _state, _float_outputs):
         block = model.get_submodule(block_name)
         for name, (s, was_folded) in awq.apply_awq(block, block_name, inputs, spec, "group", 64, options).items():
             folded[name] = was_folded

@@ -34,6 +34,7 @@ EXPECTED = {
     "smoothquant_static": "checkpoint,compressed-tensors",
     "symmetric": "checkpoint,compressed-tensors,gguf:Q4_0",
     "w2_group": "checkpoint",
+    "w2_reconstruct": "checkpoint",
     "mixed_w3": "checkpoint",
     "w3_group": "checkpoint",
     "weight_only": "checkpoint,compressed-tensors,gguf:Q8_0",

@@ -84,6 +84,7 @@ def gptq_quantize(
     act_order: bool = False,
     threads: int | None = None,
     timings: dict[str, float] | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (codes, scale, zero_point) in exactly the format `choose_qparams`/`quantize` produce for
     `block_size`, in the ORIGINAL column order, such that dequantize(codes, scale, zero, block_size) is
@@ -93,6 +94,8 @@ def gptq_quantize(
     are fixed up front from the weight. Otherwise a group's qparams are chosen from the
     error-updated weights when the sweep reaches its first column, as the reference code does.
     ``act_order`` quantizes columns in order of decreasing ``H[i, i]`` (most important first).
+    ``grid``: (scale, zero_point) fixed by an earlier step (reconstruction's learned range): the
+    sweep rounds onto it and chooses no qparams of its own.
 
     The sweep is independent per row of qparams (``block_size[0]`` rows): ``threads`` (default
     ``torch.get_num_threads()`` on a CPU, 1 on a GPU) sweep disjoint row slices at once, each with one intra-op thread
@@ -122,9 +125,9 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale, zero = choose_qparams(w, spec, block_size)
+    scale, zero = choose_qparams(w, spec, block_size) if grid is None else (grid[0].clone(), _clone(grid[1]))
     br, bc = block_size
-    dynamic = bc < cols and not act_order
+    dynamic = bc < cols and not act_order and grid is None
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
@@ -152,6 +155,10 @@ def gptq_quantize(
                 parts = list(pool.map(sweep, slices))
     timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - start
     return torch.cat(parts)[:, torch.argsort(perm)], scale, zero
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 def _sweep(

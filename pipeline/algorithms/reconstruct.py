@@ -4,14 +4,16 @@ option, EfficientQAT's training of the weights themselves (Block-AP, Chen et al.
 For one decoder block: the float block's outputs on its calibration inputs are the target. Each
 selected layer gets, per quantization block, a learnable clipping strength of its range (the block
 quantizes [sigmoid(beta) * min, sigmoid(gamma) * max]; symmetric grids: sigmoid(gamma) * max|w|) and,
-with ``weight_lr``, a trainable copy of its weight. They are trained together, block by block, so
-that the block with fake-quantized weights reproduces the target (mean squared error; rounding is a
-straight-through estimator). The learned range becomes the layer's fixed grid (``train.FixedGrid``)
+with ``weight_lr``, a trainable change of its weight (in steps of its initial grid). They are trained
+together so that the block with fake-quantized weights reproduces the target (mean squared error;
+rounding is a straight-through estimator). The learned range becomes the layer's fixed grid (``train.FixedGrid``)
 that the ``rtn`` codes step rounds the (learned) weight onto: the exported layer is an ordinary
 packed QuantLinear, its learned range ordinary scales and zero points.
 
-Simplifications vs the papers' code, said where they matter: the block's inputs are the partly
-quantized model's (as GPTQ and AWQ here), not a separately propagated float path; the step sizes are
+The block's inputs are the partly quantized model's (as for GPTQ and AWQ here); its target (``target``)
+is, as in both papers, the float model's own output at that block (``float``: the float path is
+carried from block to block, so a block also learns to undo earlier blocks' errors), or the float
+block's output on the same inputs (``block``). Simplifications vs the papers' code: the step sizes are
 not trained end to end afterwards (EfficientQAT's E2E-QP); OmniQuant's learnable equivalent
 transformation is not learned (an ``awq`` step before this one gives the block its scales).
 """
@@ -30,7 +32,9 @@ from torch import nn
 from pipeline.algorithms.sequential import block_output
 from pipeline.quant.primitives import (
     QuantSpec,
+    choose_qparams,
     dequantize,
+    expand_blocks,
     fake_quantize_ste,
     qparams_from_range,
     quantize,
@@ -39,7 +43,8 @@ from pipeline.quant.primitives import (
 
 log = logging.getLogger(__name__)
 
-OPTION_KEYS = ("epochs", "lr", "weight_lr", "micro_batch", "init")
+OPTION_KEYS = ("epochs", "lr", "weight_lr", "micro_batch", "init", "target")
+TARGETS = ("float", "block")
 
 
 def check_options(options: Mapping) -> None:
@@ -54,6 +59,11 @@ def check_options(options: Mapping) -> None:
         raise ValueError(
             f"method.reconstruct.weight_lr must be null (weights frozen: clipping only) or positive, "
             f"got {options['weight_lr']!r}"
+        )
+    if options["target"] not in TARGETS:
+        raise ValueError(
+            "method.reconstruct.target must be float (the float model's outputs: later blocks also undo earlier "
+            f"blocks' errors) or block (the float block on the partly quantized inputs), got {options['target']!r}"
         )
     if int(options["micro_batch"]) <= 0:
         raise ValueError(f"method.reconstruct.micro_batch must be a positive integer, got {options['micro_batch']!r}")
@@ -83,12 +93,21 @@ class LearnedClipLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.block_size = spec, block_size
-        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=train_weight)
-        blocks = to_blocks(self.weight.detach(), block_size).shape[:2]
+        self.register_buffer("base", weight.detach().float().clone())
+        # Block-AP's trainable weight as base + step * delta: delta counts steps of the layer's initial
+        # grid, so one learning rate means the same at 2 bits as at 4
+        step, _ = choose_qparams(self.base, spec, block_size)
+        self.register_buffer("step", expand_blocks(step.float(), block_size) if train_weight else None)
+        self.delta = nn.Parameter(torch.zeros_like(self.base)) if train_weight else None
+        blocks = to_blocks(self.base, block_size).shape[:2]
         self.gamma = nn.Parameter(torch.full(blocks, float(init), device=weight.device))
         self.beta = None if spec.symmetric else nn.Parameter(torch.full(blocks, float(init), device=weight.device))
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.register_buffer("input_multiplier", input_multiplier)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base if self.delta is None else self.base + self.step * self.delta
 
     def clipped_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) per quantization block, differentiable in gamma, beta and the weight."""
@@ -196,7 +215,7 @@ def reconstruct_block(
         groups = [{"params": [p for m in learners.values() for p in (m.gamma, m.beta) if p is not None]}]
         groups[0]["lr"] = float(options["lr"])
         if options["weight_lr"] is not None:
-            groups.append({"params": [m.weight for m in learners.values()], "lr": float(options["weight_lr"])})
+            groups.append({"params": [m.delta for m in learners.values()], "lr": float(options["weight_lr"])})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))

@@ -143,9 +143,10 @@ def run_blocks(
     model: nn.Module,
     layer_names: list[str],
     batches: torch.Tensor,
-    quantize_block: Callable[[str, Mapping[str, LayerInputs], list], None],
+    quantize_block: Callable[[str, Mapping[str, LayerInputs], list, list | None], None],
     *,
     hessian: bool,
+    float_path: bool = False,
     batch_size: int = 8,
     offload: str = "none",
     device: torch.device | str | None = None,
@@ -153,8 +154,11 @@ def run_blocks(
 ) -> None:
     """Calibrate and quantize ``model`` block by block.
 
-    ``quantize_block(block_name, inputs_by_layer, block_inputs)`` must replace that block's
-    layers (it may also rescale them); it gets the recorded inputs of each selected layer.
+    ``quantize_block(block_name, inputs_by_layer, block_inputs, float_outputs)`` must replace that
+    block's layers (it may also rescale them); it gets the recorded inputs of each selected layer.
+    ``float_path``: also carry the float model's own hidden states from block to block (each block
+    run while still float, on the float inputs), and hand the block's float outputs on them to
+    ``quantize_block`` (else None): the target of a reconstruction that undoes earlier blocks' errors.
     ``offload`` (none | cpu | disk): where the blocks wait for their turn on ``device`` (the compute
     device; default: where the model's first parameter is); ``folder``: where disk offload writes
     (default: a temporary folder, removed afterwards).
@@ -169,16 +173,21 @@ def run_blocks(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_offload({"weights": offload})
     state = _first_block_inputs(model, blocks[0], batches, batch_size)
+    float_hidden = [hidden for hidden, _ in state] if float_path else None
     with tempfile.TemporaryDirectory(dir=folder, prefix="offload-") as scratch:
         onloader = _Onloader(blocks, offload, device, Path(scratch))
         for index, block in enumerate(progress(blocks, "quantize: decoder blocks", "block")):
             onloader.onload(index, block)
             block_name = f"{prefix}.{index}"
             local = {n.removeprefix(block_name + "."): n for n in layer_names if n.startswith(block_name + ".")}
+            float_out = None
+            if float_hidden is not None:  # the block is still float here
+                float_out = [block_output(block, h, kw) for h, (_, kw) in zip(float_hidden, state, strict=True)]
             if local:
                 inputs = _record(block, local, state, hessian)
-                quantize_block(block_name, inputs, state)
+                quantize_block(block_name, inputs, state, float_out)
                 del inputs
+            float_hidden = float_out
             state = [(block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
