@@ -222,6 +222,7 @@ def test_layers_too_wide_for_int32_accumulators_go_to_int8_int_mm(ext):
     assert "overflow" in int8_cpu.Int8Cpu().supports(layer.tensors())
 
 
+@pytest.mark.slow  # ~45 s: the kernel's scalar path built and run beside the vector one
 def test_the_scalar_path_computes_the_same_integers():
     # Built without -march=native: no __AVX2__, the portable loop runs (the same source, its own build).
     cpp.compile_library("int8_cpu", "quantbench_int8_cpu_scalar", ("-O3", "-fopenmp", "-ffp-contract=off"))

@@ -160,6 +160,7 @@ def test_a_run_rides_out_a_server_restart_and_finishes_with_every_metric(stack, 
     assert result.data.params["tracking.http.max_retries"] == "5"  # the retry settings are logged
 
 
+@pytest.mark.slow  # ~30 s: a tiny run against a tracking server that goes away
 def test_an_outage_past_the_retries_fails_the_run_with_what_it_logged_if_the_server_is_back_for_its_end(
     stack, monkeypatch
 ):
@@ -292,6 +293,7 @@ def test_a_multirun_launcher_runs_each_job_in_its_own_process_as_one_mlflow_run(
     assert len(pids) == 2 and str(sweep.pid) not in pids  # each job its own process, not the launcher's
 
 
+@pytest.mark.slow  # 30-45 s each: a sweep under each Hydra launcher
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_bad_input_under_a_launcher_is_its_error_line_and_a_failed_sweep(launcher, tiny_model, tmp_path):
     args = [

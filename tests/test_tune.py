@@ -125,6 +125,7 @@ def test_bad_search_spaces_and_objectives_are_refused(base):
         tune.tune([*overrides, "search.params=[{name:method.group_size,choices:[32]}]"])
 
 
+@pytest.mark.slow  # ~55 s: two worker processes, each running tiny trials
 def test_two_worker_processes_share_one_study(base):
     name, overrides = _study(base, "tune.n_trials=4")
     done = subprocess.run(
@@ -190,6 +191,7 @@ def test_every_search_space_composes_and_samples_valid_settings(method, base):
         assert value == trial.params[param["name"]]
 
 
+@pytest.mark.slow  # ~40 s: a worker killed mid-study, then resumed
 def test_a_killed_worker_resumes_without_redoing_finished_trials(base):
     import os
     import signal

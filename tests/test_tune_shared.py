@@ -106,6 +106,7 @@ def test_workers_started_at_the_same_instant_make_one_study_one_parent_run_one_p
     assert [r.info.run_id for r in parents] == [joined[0]["parent"]]
 
 
+@pytest.mark.slow  # ~30 s: a worker killed mid-study on PostgreSQL
 def test_a_killed_worker_on_postgres_is_failed_retried_once_and_nothing_redone(base, postgres, tmp_path, monkeypatch):
     name = f"k{uuid.uuid4().hex[:8]}"
     overrides = [
@@ -142,6 +143,7 @@ def test_a_killed_worker_on_postgres_is_failed_retried_once_and_nothing_redone(b
     assert resumed.user_attrs["workers_joined"] == 2  # the killed worker and this one
 
 
+@pytest.mark.slow  # ~40 s: PostgreSQL restarted under two workers
 def test_workers_survive_a_postgres_restart_with_no_trial_lost_or_counted_twice(base, private_postgres, tmp_path):
     name = f"r{uuid.uuid4().hex[:8]}"
     storage = private_postgres.url
