@@ -62,7 +62,7 @@ def main(index: int, bits: int, group: int, configs: list[str]) -> None:
         results, _ = reconstruct.reconstruct_block(
             block, layers, state[train], targets[train], {**options, "target": "block"}
         )
-        held_out = reconstruct._exported_error(block, layers, results, state[held], targets[held], {})
+        held_out = reconstruct.exported_block_error(block, layers, results, state[held], targets[held], {})
         print(
             f"block {index} int{bits} g{group} lr={lr} weight_lr={weight_lr} epochs={int(epochs)}: "
             f"held-out error / rtn {held_out / rtn_held:.3f} ({time.perf_counter() - start:.0f} s)",

@@ -234,7 +234,7 @@ def reconstruct_block(
         _swap(block, originals)
         for p, requires_grad in frozen:
             p.requires_grad_(requires_grad)
-    after = _exported_error(block, layers, results, state, targets, multipliers)
+    after = exported_block_error(block, layers, results, state, targets, multipliers)
     return results, {"mse_before": before, "mse_after": after}
 
 
@@ -254,7 +254,7 @@ def _block_error(block: nn.Module, state: list, targets: list[torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def _exported_error(
+def exported_block_error(
     block: nn.Module,
     layers: Mapping[str, tuple[torch.Tensor, QuantSpec, tuple[int, int]]],
     results: Mapping[str, LayerGrid],
