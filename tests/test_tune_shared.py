@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 from conftest import tiny_llama
 
 from pipeline import tune, tune_storage
@@ -62,15 +63,24 @@ def _worker(base, overrides: list[str], log: Path, **env: str) -> subprocess.Pop
         )
 
 
+def _storage(storage: str) -> optuna.storages.RDBStorage:
+    """The study storage, holding no connection between calls: the tests poll it several times a second,
+    and a connection pool left behind by each poll exhausts the server's connections on a loaded machine
+    ("too many clients already")."""
+    return optuna.storages.RDBStorage(
+        tune_storage.storage_url(storage), engine_kwargs={"poolclass": sqlalchemy.pool.NullPool}
+    )
+
+
 def _study(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=tune_storage.storage_url(storage))
+    return optuna.load_study(study_name=name, storage=_storage(storage))
 
 
 def _states(storage: str, name: str) -> list:
-    url = tune_storage.storage_url(storage)
-    if name not in {s.study_name for s in optuna.get_all_study_summaries(url)}:
+    store = _storage(storage)
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(store)}:
         return []
-    return [t.state for t in _study(storage, name).trials]
+    return [t.state for t in optuna.load_study(study_name=name, storage=store).trials]
 
 
 def _runs(base, name: str) -> list:
@@ -84,7 +94,7 @@ def _wait(condition, timeout: float, procs=()) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         assert all(p.poll() is None for p in procs), "a worker ended early"
-        time.sleep(0.1)
+        time.sleep(0.5)
 
 
 def test_workers_started_at_the_same_instant_make_one_study_one_parent_run_one_preset(base, postgres, tmp_path):
