@@ -122,3 +122,31 @@ def test_the_allocate_step_runs_in_the_quantize_stage_and_its_overrides_reproduc
     again, _ = quantized("method.steps=[gptq]", "method.allocate=null", layer_overrides=overrides)
     digest = [checkpoint.weights_sha256(checkpoint.model_tensors(m)[0]) for m in (model, again)]
     assert digest[0] == digest[1]
+
+
+def test_an_allocation_composes_with_awq_and_reconstruction_each_layer_on_its_own_width():
+    """[allocate, awq, reconstruct, rtn]: reconstruction trains each layer at the width the allocation
+    gave it (its grid is fixed at that width), so the packed layers keep the mixed widths."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from pipeline import run
+
+    container = OmegaConf.to_container(
+        compose_cfg(
+            "method=mixed_w3",
+            "method.steps=[allocate,awq,reconstruct,rtn]",
+            "method.gptq=null",
+            "+method.awq={grid:4,clip:false,max_shrink:0.5}",
+            "+method.reconstruct={epochs:1,lr:0.1,weight_lr:0.02,micro_batch:4,init:4.0,target:float}",
+            "method.allocate.samples=2",
+            "method.group_size=32",
+        ),
+        resolve=True,
+    )
+    model, logged = tiny_llama(), {}
+    records = run.quantize_stage(model, container, lambda: BATCHES, 0, "auto", logged.update, log_step=lambda *_: None)
+    widths = {r.layer: r.bits for r in records if r.quantized}
+    assert len(set(widths.values())) > 1 and logged["reconstruct_mse_ratio"] > 0
+    packed = {name: m.spec.bits for name, m in model.named_modules() if hasattr(m, "packed")}
+    assert packed == widths  # each layer packed at the width the allocation chose, through reconstruction
