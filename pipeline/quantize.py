@@ -476,10 +476,7 @@ def quantize_model(
 
         in_blocks = 0.0  # seconds inside quantize_block: the rest of run_blocks is its forward passes
 
-        target_kinds = {s.targets(step_registry.options_of(method, s)) for s in block_steps} - {None}
-        if len(target_kinds) > 1:
-            raise ValueError(f"the block steps ask for different reconstruction targets {sorted(target_kinds)}")
-        target_kind = target_kinds.pop() if target_kinds else None
+        target_kind = step_registry.target_kind(method)
 
         def quantize_block(
             block_name: str, inputs: Mapping[str, LayerInputs], state: list, float_outputs: list | None

@@ -468,6 +468,7 @@ def check_steps(method: Mapping) -> None:
             raise ValueError(f"step {step.name!r} needs its options under method.{step.name}, got {options!r}")
         step.check(options)
         step.check_method(method)
+    target_kind(method)  # one kind of float target for all block steps
 
 
 # -- what the steps imply -----------------------------------------------------------------------------
@@ -490,6 +491,14 @@ def needs_calibration(method: Mapping) -> bool:
         return False
     act = method.get("activations")
     return bool(act and act["mode"] == "static") or any(s.needs_calibration for s in steps)
+
+
+def target_kind(method: Mapping) -> str | None:
+    """The float outputs the block steps read (``BlockStep.targets``): None, "block" or "float"."""
+    kinds = {s.targets(options_of(method, s)) for s in method_steps(method) if isinstance(s, BlockStep)} - {None}
+    if len(kinds) > 1:
+        raise ValueError(f"the block steps of method.steps ask for different float targets: {sorted(kinds)}")
+    return kinds.pop() if kinds else None
 
 
 def describe_steps(method: Mapping) -> str:
