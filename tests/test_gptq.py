@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from pipeline.algorithms import gptq
 from pipeline.algorithms.gptq import HessianAccumulator, gptq_quantize, hessian_from_inputs
+from pipeline.quant.kernels import cpp
 from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 
 ROWS, IN, OUT = 512, 128, 64
@@ -178,3 +180,40 @@ def test_threads_sweep_row_slices_with_bit_identical_results(name, spec, block_s
     assert timings["hessian"] > 0 and timings["sweep"] > 0
     with pytest.raises(ValueError, match="method.gptq.threads must be a positive integer or null"):
         gptq_quantize(w, h, spec, block_size, threads=0)
+
+
+def _torch_sweep_only(monkeypatch) -> None:
+    """Make gptq_quantize run its column sweep in torch ops, as on a machine without the C++ build."""
+    monkeypatch.setattr(gptq, "sweep_columns_for", lambda _device: gptq.sweep_columns_torch)
+
+
+@pytest.mark.parametrize("name,spec,block_size,act_order", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_cpp_sweep_gives_the_torch_sweeps_codes_bit_for_bit(monkeypatch, name, spec, block_size, act_order):
+    if not cpp.build("gptq_sweep").ok:
+        pytest.skip(f"gptq_sweep kernel not built: {cpp.build('gptq_sweep').error}")
+    assert gptq.sweep_columns_for(torch.device("cpu")) is not gptq.sweep_columns_torch
+    x, w = _problem(3, feature_scales=True)
+    h = hessian_from_inputs(x)
+    grid = choose_qparams(w * 0.8, spec, block_size)  # a fixed grid (reconstruction's) as well
+    # block=48: lazy blocks that cut through groups of 32, so dynamic group starts fall mid-block
+    runs = [dict(act_order=act_order, block=48), dict(act_order=act_order, grid=grid), dict(threads=1)]
+    kernel = [gptq_quantize(w, h, spec, block_size, **kw) for kw in runs]
+    _torch_sweep_only(monkeypatch)
+    reference = [gptq_quantize(w, h, spec, block_size, **kw) for kw in runs]
+    for got, want in zip(kernel, reference, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_cpp_sweep_refuses_tensors_it_cannot_read():
+    if not cpp.build("gptq_sweep").ok:
+        pytest.skip(f"gptq_sweep kernel not built: {cpp.build('gptq_sweep').error}")
+    sweep = cpp.op("gptq_sweep", "sweep_columns")
+    w, h = torch.randn(4, 8), torch.eye(8)
+    codes, err = torch.empty(4, 8), torch.empty(4, 8)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous float32"):
+        sweep(w, h, torch.ones(4, 8).T.contiguous().T, None, codes, err, 0, 8, -8.0, 7.0)
+    with pytest.raises(RuntimeError, match=r"hinv must have shape \(8, 8\)"):
+        sweep(w, torch.eye(7), torch.ones(4, 8), None, codes, err, 0, 8, -8.0, 7.0)
+    with pytest.raises(RuntimeError, match=r"columns \[0, 9\) outside 0..8"):
+        sweep(w, h, torch.ones(4, 8), None, codes, err, 0, 9, -8.0, 7.0)

@@ -13,14 +13,20 @@ given ``block_size``, so GPTQ is a drop-in replacement for round-to-nearest.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from pipeline.device import torch_threads
-from pipeline.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from pipeline.quant.kernels import cpp
+from pipeline.quant.primitives import QuantSpec, choose_qparams
+
+log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -97,9 +103,11 @@ def gptq_quantize(
     ``grid``: (scale, zero_point) fixed by an earlier step (reconstruction's learned range): the
     sweep rounds onto it and chooses no qparams of its own.
 
-    The sweep is independent per row of qparams (``block_size[0]`` rows): ``threads`` (default
-    ``torch.get_num_threads()`` on a CPU, 1 on a GPU) sweep disjoint row slices at once, each with one intra-op thread
-    (the sweep is thousands of small ops, which intra-op threads slow down). ``timings`` gets the
+    The sweep is independent per row: ``threads`` (default ``torch.get_num_threads()`` on a CPU, 1
+    on a GPU) sweep rows at once. On a CPU the C++ sweep (csrc/gptq_sweep.cpp) splits the rows over
+    that many threads; the torch-op sweep (a GPU, or a CPU without the build) runs disjoint slices of
+    whole qparams rows, one intra-op thread each (thousands of small ops, which intra-op threads slow
+    down). Either way, and for any ``threads``, the codes are the same bits. ``timings`` gets the
     seconds of the Hessian inverse (``hessian``) and of the sweep (``sweep``) added.
     """
     if weight.dim() != 2:
@@ -137,28 +145,80 @@ def gptq_quantize(
     timings["hessian"] = timings.get("hessian", 0.0) + time.perf_counter() - start
 
     start = time.perf_counter()
-    # qparams rows per slice: whole qparams rows, about the same count for every thread
-    qrows = scale.shape[0]
-    bounds = [round(qrows * t / threads) for t in range(threads + 1)]
-    slices = [(a * br, b * br, a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    sweep_columns = sweep_columns_for(w.device)
+    if sweep_columns is not sweep_columns_torch:
+        # the C++ sweep splits the rows over the intra-op threads itself, with no Python per column
+        with torch_threads(threads):
+            parts = [_sweep(w, hinv, perm, scale, zero, spec, block_size, block, dynamic, sweep_columns)]
+    else:
+        # qparams rows per slice: whole qparams rows, about the same count for every thread
+        qrows = scale.shape[0]
+        bounds = [round(qrows * t / threads) for t in range(threads + 1)]
+        slices = [(a * br, b * br, a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
-    def sweep(rows: tuple[int, int, int, int]) -> torch.Tensor:
-        r0, r1, q0, q1 = rows
-        sub_zero = None if zero is None else zero[q0:q1]
-        return _sweep(w[r0:r1], hinv, perm, scale[q0:q1], sub_zero, spec, block_size, block, dynamic)
+        def sweep(rows: tuple[int, int, int, int]) -> torch.Tensor:
+            r0, r1, q0, q1 = rows
+            sub_zero = None if zero is None else zero[q0:q1]
+            return _sweep(w[r0:r1], hinv, perm, scale[q0:q1], sub_zero, spec, block_size, block, dynamic, sweep_columns)
 
-    with torch_threads(1):
-        if len(slices) == 1:
-            parts = [sweep(slices[0])]
-        else:
-            with ThreadPoolExecutor(len(slices)) as pool:
-                parts = list(pool.map(sweep, slices))
+        with torch_threads(1):
+            if len(slices) == 1:
+                parts = [sweep(slices[0])]
+            else:
+                with ThreadPoolExecutor(len(slices)) as pool:
+                    parts = list(pool.map(sweep, slices))
     timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - start
     return torch.cat(parts)[:, torch.argsort(perm)], scale, zero
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()
+
+
+def sweep_columns_torch(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    codes: torch.Tensor,
+    err: torch.Tensor,
+    start: int,
+    stop: int,
+    qmin: float,
+    qmax: float,
+) -> None:
+    """Columns [start, stop) of one lazy block, in place, in torch ops (csrc/gptq_sweep.cpp's
+    ``sweep_columns`` is the same loop in C++): round each column onto its grid (``scale``/``zero``:
+    each column's qparams, as float (rows, columns)), write its codes and scaled error, and feed the
+    error into the block's later columns. ``quantize``/``dequantize`` spelled out on one column."""
+    for i in range(start, stop):
+        x = w[:, i] / scale[:, i]
+        if zero is not None:
+            x = x + zero[:, i]
+        q = x.round_().clamp_(qmin, qmax)
+        codes[:, i] = q
+        if zero is not None:
+            q = q - zero[:, i]
+        e = (w[:, i] - q * scale[:, i]) / hinv[i, i]
+        w[:, i:] -= e[:, None] * hinv[i, i:][None, :]
+        err[:, i] = e
+
+
+@functools.cache
+def _cpu_sweep() -> Callable | None:
+    """The C++ column sweep, or None (logged once) where it did not build: the torch loop then runs,
+    with the same codes, ~20x slower."""
+    outcome = cpp.build("gptq_sweep")
+    if not outcome.ok:
+        log.warning("the gptq_sweep kernel is not built (%s): GPTQ's column sweep runs in torch ops", outcome.error)
+        return None
+    return cpp.op("gptq_sweep", "sweep_columns")
+
+
+def sweep_columns_for(device: torch.device) -> Callable:
+    """The column sweep for tensors on ``device``: the C++ loop on a CPU (if built), else torch ops
+    (on a GPU all rows of a column go in one launch, which the torch ops already do)."""
+    return (_cpu_sweep() if device.type == "cpu" else None) or sweep_columns_torch
 
 
 def _sweep(
@@ -171,36 +231,49 @@ def _sweep(
     block_size: tuple[int, int],
     block: int,
     dynamic: bool,
+    sweep_columns: Callable,
 ) -> torch.Tensor:
     """The column sweep over rows ``w`` (permuted columns; updated in place); codes in permuted order.
 
     ``scale``/``zero`` are these rows' qparams (views: dynamic groups are written into them).
+    Each lazy block gathers its columns' qparams once; ``sweep_columns`` runs the columns between
+    dynamic group starts (where the next group's qparams are chosen).
     """
     br, bc = block_size
     cols = w.shape[1]
-    columns = []
+    group_of = (perm // bc).tolist()  # qparams column of each (permuted) weight column
+    codes = torch.empty_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic and j % bc == 0:
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2].contiguous()
+        err, codes1 = torch.zeros_like(w1), torch.empty_like(w1)
+        s1, z1 = _column_qparams(scale, zero, group_of[i1:i2], br)
+        starts = [j for j in range(i1, i2) if j % bc == 0] if dynamic else []
+        cuts = sorted({i1, i2, *starts})
+        for a, b in itertools.pairwise(cuts):
+            i = a - i1
+            if dynamic and a % bc == 0:
                 # The group as the sweep sees it now: columns in this block are up to date in w1;
                 # those past the block still lack this block's pending update, added here.
-                ahead = w[:, i2 : j + bc] - err[:, :i] @ hinv[i1:j, i2 : j + bc]
+                ahead = w[:, i2 : a + bc] - err[:, :i] @ hinv[i1:a, i2 : a + bc]
                 group = torch.cat([w1[:, i:], ahead], dim=1)[:, :bc]
                 s, z = choose_qparams(group, spec, (br, bc))
-                scale[:, j // bc] = s[:, 0]
+                scale[:, a // bc] = s[:, 0]
+                s1[:, i : i + bc] = s.float().repeat_interleave(br, 0)
                 if zero is not None:
-                    zero[:, j // bc] = z[:, 0]
-            c = int(perm[j]) // bc  # qparams column of this weight column
-            s = scale[:, c].repeat_interleave(br)[:, None]
-            z = None if zero is None else zero[:, c].repeat_interleave(br)[:, None]
-            q = quantize(w1[:, i : i + 1], s, z, spec, (1, 1))
-            columns.append(q)
-            e = (w1[:, i] - dequantize(q, s, z, (1, 1))[:, 0]) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err[:, i] = e
+                    zero[:, a // bc] = z[:, 0]
+                    z1[:, i : i + bc] = z.float().repeat_interleave(br, 0)
+            sweep_columns(w1, hinv1, s1, z1, codes1, err, i, b - i1, float(spec.qmin), float(spec.qmax))
+        codes[:, i1:i2] = codes1
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return torch.cat(columns, dim=1)
+    return codes.to(torch.int8 if spec.symmetric else torch.uint8)
+
+
+def _column_qparams(
+    scale: torch.Tensor, zero: torch.Tensor | None, groups: list[int], br: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each column's scale (and zero point) as float (rows, columns): qparams column ``groups[c]``
+    for column c, each qparams row repeated for the ``br`` weight rows it covers."""
+    index = torch.tensor(groups, device=scale.device)
+    s = scale.float()[:, index].repeat_interleave(br, 0)
+    return s, None if zero is None else zero.float()[:, index].repeat_interleave(br, 0)
