@@ -12,6 +12,7 @@ from pipeline.quant.primitives import (
     fake_quantize,
     fake_quantize_ste,
     quantize,
+    to_blocks,
 )
 
 GRANULARITIES = [("per_tensor", None), ("per_channel", None), ("group", 32), ("group", 64)]
@@ -195,3 +196,27 @@ def test_a_constant_block_stays_finite_with_float16_scales(zero_point_domain):
     w[:, :32] = 0.0
     out = fake_quantize(w, QuantSpec(4, False, zero_point_domain), (1, 32))
     assert torch.isfinite(out).all() and torch.equal(out[:, :32], w[:, :32])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(4, False),
+        QuantSpec(3, True),
+        QuantSpec(2, False, "float"),
+        QuantSpec(8, True, symmetric_range="restricted"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("block", [(1, 32), (1, 128), (4, 64), (16, 128)])
+def test_fake_quantize_is_the_codes_round_trip_bit_for_bit(spec, block):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3)) * torch.logspace(-2, 1, 128)
+    scale, zero = choose_qparams(w, spec, block)
+    assert torch.equal(
+        fake_quantize(w, spec, block), dequantize(quantize(w, scale, zero, spec, block), scale, zero, block)
+    )
+    lo, hi = to_blocks(w, block).amin(-1) * 0.7, to_blocks(w, block).amax(-1) * 0.7  # a narrowed range
+    scale, zero = choose_qparams(w, spec, block, min_val=lo, max_val=hi)
+    narrowed = dequantize(quantize(w, scale, zero, spec, block), scale, zero, block)
+    assert torch.equal(fake_quantize(w, spec, block, min_val=lo, max_val=hi), narrowed)
+    assert fake_quantize(w.bfloat16(), spec, block).dtype == torch.bfloat16

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.algorithms.sequential import LayerInputs
 from pipeline.layers import float_weight, store_float_weight
-from pipeline.quant.primitives import QuantSpec, block_size_for, choose_qparams, dequantize, fake_quantize, quantize
+from pipeline.quant.primitives import QuantSpec, block_size_for, fake_quantize
 
 
 def _output_error(gram: torch.Tensor, diff: torch.Tensor) -> float:
@@ -80,8 +80,7 @@ def search_clip(
     best_ratio = torch.ones(rows, n_groups, device=w.device)
     for i in range(grid):
         ratio = 1 - max_shrink * i / grid
-        scale, zero = choose_qparams(w, spec, block, min_val=lo * ratio, max_val=hi * ratio)
-        diff = wg - dequantize(quantize(w, scale, zero, spec, block), scale, zero, block).reshape(rows, n_groups, -1)
+        diff = wg - fake_quantize(w, spec, block, min_val=lo * ratio, max_val=hi * ratio).reshape(rows, n_groups, -1)
         err = torch.einsum("rgk,gkl,rgl->rg", diff, gram_g, diff)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

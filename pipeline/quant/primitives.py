@@ -215,10 +215,30 @@ def fake_quantize_ste(
     return (q * s).reshape(x.shape)
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, int]) -> torch.Tensor:
-    """Round trip through the grid (round-to-nearest), same shape and dtype as ``x``."""
-    scale, zero = choose_qparams(x, spec, block_size)
-    return dequantize(quantize(x, scale, zero, spec, block_size), scale, zero, block_size, x.dtype)
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    block_size: tuple[int, int],
+    *,
+    min_val: torch.Tensor | None = None,
+    max_val: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round trip through the grid (round-to-nearest), same shape and dtype as ``x``.
+
+    ``min_val``/``max_val`` narrow each block's range, as in ``choose_qparams``. The values of
+    ``dequantize(quantize(...))``, in place on one float buffer: searches call this thousands of
+    times, and the integer codes in between would cost two more passes.
+    """
+    scale, zero = choose_qparams(x, spec, block_size, min_val=min_val, max_val=max_val)
+    x4, (s, z) = _blockwise(x.float(), [scale, zero], block_size)
+    t = x4 / s
+    if z is not None:
+        t += z
+    t = t.round_().clamp_(spec.qmin, spec.qmax)
+    if z is not None:
+        t -= z
+    t *= s
+    return t.reshape(x.shape).to(x.dtype)
 
 
 def block_size_for(shape: torch.Size, granularity: str, group_size: int | None = None) -> tuple[int, int]:
