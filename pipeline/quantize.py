@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline import steps as step_registry
+from pipeline.algorithms.awq import INPUT_SCALE_DTYPE
 from pipeline.algorithms.sequential import LayerInputs, block_output, run_blocks
 from pipeline.calibrate import ActivationStats, activation_qparams
 from pipeline.kept import describe_kept, keep_dtype, store_kept
@@ -529,7 +530,7 @@ def quantize_model(
                         kernels,
                         inputs=layer_inputs,
                         act_stats=(stats or {}).get(name),
-                        input_scale=None if folded else (1 / s).to(torch.float16),
+                        input_scale=None if folded else (1 / s).to(INPUT_SCALE_DTYPE),
                         reference=reference,
                         timings=timings,
                         grid=grid,

@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 from pipeline import train
-from pipeline.algorithms import allocate, reconstruct, smoothquant
-from pipeline.algorithms.awq import apply_awq
+from pipeline.algorithms import allocate, awq, reconstruct, smoothquant
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
@@ -229,7 +228,7 @@ def _lowrank(weight, spec, block, _inputs, options, _timings) -> QuantizedWeight
 
 def _awq(ctx: BlockContext) -> BlockResult:
     method = ctx.method
-    rescaled = apply_awq(
+    rescaled = awq.apply_awq(
         ctx.block, ctx.block_name, ctx.inputs, ctx.spec, method["granularity"], method["group_size"], method["awq"]
     )
     return BlockResult(rescaled=rescaled)
@@ -289,6 +288,11 @@ def _allocate(ctx: ModelContext) -> ModelResult:
     start = time.perf_counter()
     options, method = ctx.method["allocate"], ctx.method
     batches = ctx.batches[: int(options["samples"])]
+    input_scale_bytes = {}
+    if any(step.name == "awq" for step in method_steps(method)):  # AWQ will store explicit input scales
+        explicit = awq.explicit_scale_layers(ctx.model, list(ctx.selected), batches[0])
+        width = torch.finfo(awq.INPUT_SCALE_DTYPE).bits // 8
+        input_scale_bytes = {name: width * float_weight(ctx.selected[name]).shape[1] for name in explicit}
     choices = allocate.measure(
         ctx.model,
         ctx.selected,
@@ -297,6 +301,7 @@ def _allocate(ctx: ModelContext) -> ModelResult:
         method["granularity"],
         method["group_size"],
         list(options["candidates"]),
+        input_scale_bytes,
     )
     choice = allocate.allocate(choices, float(options["budget_bits"]))
     overrides = allocate.as_overrides(choice, int(method["bits"]))

@@ -150,3 +150,36 @@ def test_an_allocation_composes_with_awq_and_reconstruction_each_layer_on_its_ow
     assert len(set(widths.values())) > 1 and logged["reconstruct_mse_ratio"] > 0
     packed = {name: m.spec.bits for name, m in model.named_modules() if hasattr(m, "packed")}
     assert packed == widths  # each layer packed at the width the allocation chose, through reconstruction
+
+
+def test_with_awq_the_budget_counts_the_explicit_input_scales_awq_will_store():
+    """[allocate, awq, rtn]: AWQ keeps an fp16 input scale where no norm can absorb its scale
+    (o_proj, down_proj). The allocation predicts those layers before AWQ runs and counts their bytes,
+    so what is stored is what the allocation counted, within the budget."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from pipeline import profile, run
+    from pipeline.algorithms import awq
+
+    container = OmegaConf.to_container(
+        compose_cfg(
+            "method=mixed_w3",
+            "method.steps=[allocate,awq,rtn]",
+            "method.gptq=null",
+            "+method.awq={grid:4,clip:false,max_shrink:0.5}",
+            "method.allocate.samples=2",
+            "method.group_size=32",
+        ),
+        resolve=True,
+    )
+    names = list(layers.select_layers(tiny_llama(), container["layers"])[0])
+    predicted = awq.explicit_scale_layers(tiny_llama(), names, BATCHES[0])
+    assert predicted and all(n.endswith(("o_proj", "down_proj")) for n in predicted)
+    model, logged = tiny_llama(), {}
+    run.quantize_stage(model, container, lambda: BATCHES, 0, "auto", logged.update, log_step=lambda *_: None)
+    explicit = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    assert explicit == predicted
+    n_params, ref_bytes = profile.parameter_footprint(tiny_llama())
+    stored = profile.memory_metrics(model, n_params, ref_bytes)["bits_per_weight"]
+    assert stored == pytest.approx(logged["allocate_bits_per_weight"], abs=1e-9) and stored <= 3.0

@@ -190,9 +190,15 @@ def measure(
     granularity: str,
     group_size: int | None,
     candidates: list[int],
+    input_scale_bytes: Mapping[str, int] | None = None,
 ) -> list[LayerChoice]:
-    """Each layer's stored bytes and Fisher-weighted rounding error at every candidate width."""
+    """Each layer's stored bytes and Fisher-weighted rounding error at every candidate width.
+
+    ``input_scale_bytes``: bytes a later step will store beside a layer's weight at any width (AWQ's
+    explicit input scales), counted in every width's bytes so that the budget holds what is stored.
+    """
     fisher = fisher_diagonal(model, layers, batches)
+    input_scale_bytes = input_scale_bytes or {}
     choices = []
     for name, module in layers.items():
         weight = module.weight.detach()
@@ -206,7 +212,10 @@ def measure(
             LayerChoice(
                 name,
                 weight.numel(),
-                {b: stored_bytes(tuple(weight.shape), s, block, bias) for b, s in specs.items()},
+                {
+                    b: stored_bytes(tuple(weight.shape), s, block, bias) + input_scale_bytes.get(name, 0)
+                    for b, s in specs.items()
+                },
                 {b: sensitivity(weight, layer_fisher, s, block) for b, s in specs.items()},
             )
         )

@@ -21,9 +21,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pipeline.algorithms.sequential import LayerInputs
+from pipeline.algorithms.sequential import LayerInputs, norm_producers
 from pipeline.layers import float_weight, store_float_weight
 from pipeline.quant.primitives import QuantSpec, block_size_for, fake_quantize
+
+INPUT_SCALE_DTYPE = torch.float16  # an explicit (unfolded) input scale 1/s is stored in this dtype
 
 
 def _output_error(gram: torch.Tensor, diff: torch.Tensor) -> float:
@@ -90,12 +92,12 @@ def search_clip(
 
 
 @torch.no_grad()
-def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
-    """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so.
+def scales_by_division(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Whether dividing the norm's weight (and bias) by s divides its output by s.
 
-    Whether the norm scales so is a property of its formula, checked on a float32 copy: in the
-    model's own dtype (bf16) the rounding of weight / s alone exceeds any tolerance that still
-    tells y = x_hat * w from, e.g., y = x_hat * (1 + w).
+    A property of its formula, checked on a float32 copy: in the model's own dtype (bf16) the
+    rounding of weight / s alone exceeds any tolerance that still tells y = x_hat * w from, e.g.,
+    y = x_hat * (1 + w).
     """
     probe = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(0), device="cpu").to(s.device)
     trial = copy.deepcopy(norm).float()
@@ -103,7 +105,13 @@ def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
     trial.weight.div_(s)
     if getattr(trial, "bias", None) is not None:
         trial.bias.div_(s)
-    if not torch.allclose(trial(probe) * s, before, rtol=1e-4, atol=1e-6):
+    return torch.allclose(trial(probe) * s, before, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Divide an elementwise-affine norm's output by s; False (and unchanged) if it does not scale so."""
+    if not scales_by_division(norm, s):
         return False  # e.g. a (1 + weight) norm: keep s explicit
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
@@ -140,7 +148,7 @@ def apply_awq(
         s, _ = search_scale(gram, shared.channel_abs_mean, weights, spec, blocks, int(options["grid"]))
         folded = not producer.startswith("#") and fold_into_norm(modules[producer], s)
         if not folded:
-            s = 1 / (1 / s).to(torch.float16).float()  # the explicit scale is stored in fp16: use that value
+            s = 1 / (1 / s).to(INPUT_SCALE_DTYPE).float()  # the value the stored explicit scale has
         for member, layer, w, b in zip(members, layers, weights, blocks, strict=True):
             scaled = w * s
             if options["clip"]:
@@ -149,3 +157,22 @@ def apply_awq(
             store_float_weight(layer, scaled)
             result[member] = (s, folded)
     return result
+
+
+@torch.no_grad()
+def explicit_scale_layers(model: nn.Module, layer_names: list[str], ids: torch.Tensor) -> set[str]:
+    """The layers whose AWQ scale will be stored as an explicit input scale: those whose input no
+    norm produces, or whose norm cannot absorb a division (what ``apply_awq`` decides per block),
+    found in one forward pass over ``ids`` (one sequence) before anything is quantized."""
+    modules = dict(model.named_modules())
+    producers = norm_producers(model, layer_names, ids)
+    probe = torch.linspace(0.5, 2.0, 8)
+    explicit = set()
+    for name in layer_names:
+        producer = producers.get(name)
+        norm = modules[producer] if producer is not None else None
+        weight = getattr(norm, "weight", None)
+        s = probe.repeat(weight.numel() // 8 + 1)[: weight.numel()].to(weight.device) if weight is not None else None
+        if s is None or not scales_by_division(norm, s):
+            explicit.add(name)
+    return explicit

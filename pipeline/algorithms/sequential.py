@@ -191,6 +191,36 @@ def run_blocks(
             state = [(block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def norm_producers(model: nn.Module, layer_names: list[str], ids: torch.Tensor) -> dict[str, str]:
+    """For each of ``layer_names`` whose input is a norm layer's output, that norm's name: one
+    forward pass over ``ids`` (a sequence of token ids), tracked as ``_record`` tracks them."""
+    modules = dict(model.named_modules())
+    produced_by: dict[int, tuple[str, torch.Tensor]] = {}  # outputs held so that ids stay unique
+    found: dict[str, str] = {}
+
+    def read(name: str, x: torch.Tensor) -> None:
+        if id(x) in produced_by:
+            found[name] = produced_by[id(x)][0]
+
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
+        for name, module in modules.items()
+        if _is_norm(module)
+    ]
+    handles += [modules[n].register_forward_pre_hook(lambda _m, a, n=n: read(n, a[0])) for n in layer_names]
+    try:
+        model(input_ids=ids.reshape(1, -1).to(module_device(model)), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bool) -> dict[str, LayerInputs]:
     """Run the block on its inputs once; record each selected layer's inputs and their producer.
 
@@ -204,7 +234,7 @@ def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bo
     handles = [
         module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
         for name, module in block.named_modules()
-        if "norm" in type(module).__name__.lower()
+        if _is_norm(module)
     ]
 
     def record(_module, args, full):
