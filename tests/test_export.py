@@ -35,6 +35,7 @@ EXPECTED = {
     "symmetric": "checkpoint,compressed-tensors,gguf:Q4_0",
     "w2_group": "checkpoint",
     "w2_reconstruct": "checkpoint",
+    "w2_qat": "checkpoint",
     "mixed_w3": "checkpoint",
     "w3_group": "checkpoint",
     "weight_only": "checkpoint,compressed-tensors,gguf:Q8_0",
