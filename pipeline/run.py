@@ -6,6 +6,7 @@ expensive stage. An exception ends the MLflow run as FAILED with whatever it had
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -360,7 +361,8 @@ def quantize_stage(
     log_step: Callable[[int, dict], None] | None = None,
 ) -> list[quantize.LayerRecord]:
     """Calibrate (if the method needs it), run the method's steps in order (its model steps, e.g.
-    QAT's train, here; its block and codes steps in ``quantize_model``); the per-layer table.
+    QAT's train, here; its block and codes steps in ``quantize_model``; its finish steps, e.g. e2e,
+    here again); the per-layer table.
 
     The one path from a config to quantized weights: a run and ``pipeline.export``'s rebuild both
     take it, so a rebuild reproduces the run's weights (and its ``weights_sha256``).
@@ -378,6 +380,8 @@ def quantize_stage(
     start = time.perf_counter()
     # GPTQ and AWQ calibrate block by block inside quantize_model: their forward passes count here.
     with peaks.stage("quantize", record, device):
+        # the float model as loaded, for a finish step that distills from it (a second copy in memory)
+        teacher = copy.deepcopy(model).eval() if steps.needs_teacher(method) else None
         prepared = _run_model_steps(model, selected, method, batches, seed, log_step)
         if prepared.metrics:
             record(prepared.metrics)
@@ -405,9 +409,13 @@ def quantize_stage(
             metrics=block_metrics,
         )
         del stats  # its activation samples; reset_peak_rss collects and trims before the eval peak
+        finished = _run_finish_steps(model, teacher, method, batches, seed, log_step)
+        del teacher
     record({"quantize_s": time.perf_counter() - start, **{f"quantize_s/{k}": v for k, v in timings.items()}})
     if block_metrics:
         record(block_metrics)
+    if finished.metrics:
+        record(finished.metrics)
     return records
 
 
@@ -463,6 +471,23 @@ def _beside(cache: Path, kind: str, key: dict) -> Path:
     """A JSON cache next to the reference logits, named by what it was computed from."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cache.with_name(f"{cache.stem}-{kind}-{digest}.json")
+
+
+def _run_finish_steps(model, teacher, method: dict, batches, seed: int, log_step: Callable | None) -> steps.ModelResult:
+    """The method's finish steps in order (e2e): they change the packed layers' stored values."""
+    result = steps.ModelResult()
+    context = steps.FinishContext(
+        model=model,
+        teacher=teacher,
+        method=method,
+        batches=batches,
+        seed=seed,
+        log_step=log_step or (lambda step, m: mlflow.log_metrics(m, step=step)),
+    )
+    for step in steps.method_steps(method):
+        if isinstance(step, steps.FinishStep):
+            result.metrics.update(step.run(context).metrics)
+    return result
 
 
 def _run_model_steps(

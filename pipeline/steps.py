@@ -16,7 +16,11 @@ Each step has a kind that says when it runs; the kinds run in this order:
     (``train.FixedGrid``, rounded onto by the codes step) and metrics (averaged over blocks).
 ``codes`` (``CodesStep``): picks one layer's integer codes, e.g. ``rtn``, ``gptq``, ``hqq``,
     ``lowrank``. ``run(weight, spec, block_size, inputs, options, timings) -> QuantizedWeight``;
-    exactly one per method, and last.
+    exactly one per method.
+``finish`` (``FinishStep``): on the packed model, after every layer has its codes, e.g. ``e2e``
+    (trains the stored scales end to end). ``run(FinishContext) -> ModelResult``: it may change the
+    QuantLinears' stored values in place (not their layout or bytes); the float model is there as
+    ``teacher`` when the step asks for it.
 
 A method runs block by block (``is_sequential``) when it has a block step or its codes step needs
 calibration inputs with a Hessian; otherwise layer by layer. ``method.steps: []`` quantizes nothing
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from pipeline import train
-from pipeline.algorithms import allocate, awq, reconstruct, smoothquant
+from pipeline.algorithms import allocate, awq, e2e, reconstruct, smoothquant
 from pipeline.algorithms.gptq import gptq_quantize
 from pipeline.algorithms.hqq import hqq_quantize
 from pipeline.algorithms.lowrank import lowrank_quantize
@@ -44,7 +48,7 @@ from pipeline.quant.primitives import QuantSpec, choose_qparams, quantize
 
 log = logging.getLogger(__name__)
 
-KINDS = ("model", "block", "codes")  # the order steps run in
+KINDS = ("model", "block", "codes", "finish")  # the order steps run in
 
 
 # -- the interface of each kind ------------------------------------------------------------------
@@ -110,6 +114,20 @@ class BlockResult:
 
 
 @dataclass
+class FinishContext:
+    """What a finish step gets: the quantized model (its layers now QuantLinears), the float model
+    as loaded (``teacher``: a copy kept for steps whose ``needs_teacher`` says so, else None), the
+    method, the calibration batches and the stage's services."""
+
+    model: nn.Module
+    teacher: nn.Module | None
+    method: Mapping
+    batches: torch.Tensor | None
+    seed: int
+    log_step: Callable[[int, dict], None]
+
+
+@dataclass
 class QuantizedWeight:
     """What a codes step decides for one layer; QuantLinear stores it."""
 
@@ -162,6 +180,19 @@ class BlockStep(Step):
     @property
     def kind(self) -> str:
         return "block"
+
+
+@dataclass(frozen=True)
+class FinishStep(Step):
+    """Runs after the codes step, on the packed model (e.g. ``e2e``: trains the stored scales)."""
+
+    run: Callable[[FinishContext], ModelResult] = None  # type: ignore[assignment]
+    # whether it needs the float model beside the quantized one, given its options
+    needs_teacher: Callable[[Mapping], bool] = lambda _options: False
+
+    @property
+    def kind(self) -> str:
+        return "finish"
 
 
 @dataclass(frozen=True)
@@ -325,6 +356,12 @@ def _allocate(ctx: ModelContext) -> ModelResult:
     return ModelResult(metrics, layer_overrides=overrides, artifacts=artifacts)
 
 
+def _e2e(ctx: FinishContext) -> ModelResult:
+    """EfficientQAT's E2E-QP: the stored scales of every quantized layer trained end to end."""
+    options = ctx.method["e2e"]
+    return ModelResult(e2e.train_step_sizes(ctx.model, ctx.teacher, ctx.batches, options, ctx.seed, ctx.log_step))
+
+
 def _keys(step: str, *keys: str) -> Callable[[Mapping], None]:
     """A checker that ``method.<step>`` has every one of ``keys``."""
 
@@ -380,6 +417,15 @@ STEPS: dict[str, Step] = {
             targets=lambda o: o["target"],
         ),
         CodesStep("rtn", describe=lambda _o: "rtn", options=False, run=_rtn),
+        FinishStep(
+            "e2e",
+            describe=lambda o: f"e2e_scales({o['loss']},{o['steps']}st)",
+            check=e2e.check_options,
+            check_method=e2e.check_in_method,
+            needs_calibration=True,
+            run=_e2e,
+            needs_teacher=lambda o: o["loss"] == "kd",
+        ),
         CodesStep(
             "gptq",
             describe=lambda o: "gptq(act_order)" if o["act_order"] else "gptq",
@@ -411,9 +457,8 @@ def method_steps(method: Mapping) -> list[Step]:
 
 
 def codes_step(method: Mapping) -> CodesStep:
-    """The step that picks each layer's codes: the last one (``check_steps``)."""
-    step = method_steps(method)[-1]
-    assert isinstance(step, CodesStep), step  # check_steps ran before any model was loaded
+    """The step that picks each layer's codes: the one codes step (``check_steps``)."""
+    (step,) = [s for s in method_steps(method) if isinstance(s, CodesStep)]  # check_steps: exactly one
     return step
 
 
@@ -423,7 +468,7 @@ def options_of(method: Mapping, step: Step) -> Mapping:
 
 def check_steps(method: Mapping) -> None:
     """``method.steps``, checked once before any model loads: known names, kinds in the order
-    model* -> block* -> codes with exactly one codes step, each step's options present and valid,
+    model* -> block* -> codes -> finish* with exactly one codes step, each step's options present and valid,
     and no options block for a step that is not listed (it would be silently ignored)."""
     names = method.get("steps")
     if "algorithm" in method:
@@ -448,16 +493,20 @@ def check_steps(method: Mapping) -> None:
         return  # nothing is quantized (fp)
     steps = [STEPS[n] for n in names]
     kinds = [s.kind for s in steps]
-    if kinds.count("codes") != 1 or kinds[-1] != "codes":
+    unfinished = [k for k in kinds if k != "finish"]
+    if kinds.count("codes") != 1 or unfinished[-1:] != ["codes"]:
         codes = [n for n, s in STEPS.items() if s.kind == "codes"]
+        finish = [n for n, s in STEPS.items() if s.kind == "finish"]
         raise ValueError(
             f"method.steps {list(names)} must end with exactly one codes step ({', '.join(codes)}), "
-            "the one that picks each layer's integer codes"
+            f"the one that picks each layer's integer codes (only finish steps, {', '.join(finish)}, come after it)"
         )
     order = [KINDS.index(k) for k in kinds]
     if order != sorted(order):
         described = ", ".join(f"{n} ({k})" for n, k in zip(names, kinds, strict=True))
-        raise ValueError(f"method.steps runs model steps, then block steps, then the codes step; got {described}")
+        raise ValueError(
+            f"method.steps runs model steps, then block steps, then the codes step, then finish steps; got {described}"
+        )
     for index, step in enumerate(steps):
         if step.grid_codes and steps[index + 1].name not in step.grid_codes:
             raise ValueError(
@@ -496,6 +545,11 @@ def needs_calibration(method: Mapping) -> bool:
         return False
     act = method.get("activations")
     return bool(act and act["mode"] == "static") or any(s.needs_calibration for s in steps)
+
+
+def needs_teacher(method: Mapping) -> bool:
+    """Whether a finish step reads the float model beside the packed one (``FinishStep.needs_teacher``)."""
+    return any(isinstance(s, FinishStep) and s.needs_teacher(options_of(method, s)) for s in method_steps(method))
 
 
 def target_kind(method: Mapping) -> str | None:

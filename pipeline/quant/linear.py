@@ -109,6 +109,18 @@ class QuantLinear(nn.Module):
         self._kernel, self.kernel_note = kernels.select(self.tensors(), self.kernel_preference)
         self._kernel_state = self._kernel.prepare(self.tensors())
 
+    @torch.no_grad()
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Replace the scales (same shape, dtype and device), e.g. after a step trained them with the
+        codes fixed; the kernel's own layout is rebuilt from them."""
+        if scale.shape != self.scale.shape or scale.dtype != self.scale.dtype or scale.device != self.scale.device:
+            raise ValueError(
+                f"new scales must match the stored ones: {tuple(self.scale.shape)} {self.scale.dtype} on "
+                f"{self.scale.device}, got {tuple(scale.shape)} {scale.dtype} on {scale.device}"
+            )
+        self.scale = scale.clone()
+        self._select_kernel()
+
     def _apply(self, fn, recurse: bool = True):
         """After ``.to(device)`` / ``.cuda()`` (or a dtype cast), the kernel's own layout was built for the
         old place: select and prepare again where the buffers are now (the kernel may change: a CPU
