@@ -36,6 +36,7 @@ EXPECTED = {
     "w2_group": "checkpoint",
     "w2_reconstruct": "checkpoint",
     "w2_qat": "checkpoint",
+    "w2_efficientqat": "checkpoint",
     "mixed_w3": "checkpoint",
     "w3_group": "checkpoint",
     "weight_only": "checkpoint,compressed-tensors,gguf:Q8_0",
