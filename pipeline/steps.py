@@ -581,8 +581,8 @@ def steps_from_legacy(method: Mapping) -> list[str]:
         raise ValueError(f"unknown method.algorithm {algorithm!r}; it named one of: none, {', '.join(codes)}")
     if algorithm == "none":
         steps: list[str] = []
-    elif method.get("steps") is not None:
-        steps = [n for n in method["steps"] if n not in codes] + [algorithm]
+    elif method.get("steps") is not None:  # algorithm takes the codes step's place
+        steps = [algorithm if n in codes else n for n in method["steps"]]
     else:
         steps = [n for n in ("allocate", "smooth", "train", "awq", "reconstruct") if method.get(n)]
         if "train" in steps and algorithm != "rtn":

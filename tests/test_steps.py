@@ -54,7 +54,11 @@ def _legacy(method: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", PRESETS)
+# configs from before method.steps had no finish steps (e2e came after them): no legacy form to test
+LEGACY_PRESETS = [name for name in PRESETS if "e2e" not in method_cfg(name)["steps"]]
+
+
+@pytest.mark.parametrize("name", LEGACY_PRESETS)
 def test_every_preset_in_its_legacy_form_translates_to_its_steps(name, caplog):
     method = method_cfg(name)
     with caplog.at_level(logging.WARNING, logger="pipeline.steps"):
@@ -72,6 +76,7 @@ def test_every_preset_in_its_legacy_form_translates_to_its_steps(name, caplog):
         ({"algorithm": "gptq", "train": {"steps": 1}, "gptq": GPTQ_OPTIONS}, ["train", "rtn"]),  # as it ran
         ({"algorithm": "gptq", "steps": ["awq", "rtn"]}, ["awq", "gptq"]),  # +method.algorithm=gptq on a preset
         ({"algorithm": "none", "steps": ["awq", "rtn"]}, []),
+        ({"algorithm": "gptq", "steps": ["awq", "reconstruct", "rtn", "e2e"]}, ["awq", "reconstruct", "gptq", "e2e"]),
     ],
 )
 def test_legacy_translation_gives_the_steps_that_ran(legacy, expected, caplog):
