@@ -148,13 +148,43 @@ def fit(
 ) -> list[float]:
     """Train the fake-quantized layers; returns the loss per step (``kd``: from ``float_teacher``)."""
     check_options(options)
-    steps, batch_size = int(options["steps"]), int(options["batch_size"])
     weights = [f.weight for f in fakes.values()]
     scales = [f.scale for f in fakes.values() if f.learnable_scale]
     groups = [{"params": weights, "lr": float(options["lr"])}]
     if scales:
         groups.append({"params": scales, "lr": float(options["lr"]) * float(options["scale_lr_multiplier"])})
-    optimizer = torch.optim.AdamW(groups, weight_decay=float(options["weight_decay"]))
+    losses = optimize(
+        model,
+        groups,
+        batches,
+        options,
+        seed,
+        lambda ids: loss_on(model, ids, options["loss"], fakes),
+        label="QAT: training steps",
+        log_step=log_step,
+    )
+    log.info("QAT: %d steps, loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
+    return losses
+
+
+def optimize(
+    model: nn.Module,
+    groups: list[dict],
+    batches: torch.Tensor,
+    options: Mapping,
+    seed: int,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    label: str,
+    log_step: Callable[[int, dict[str, float]], None] | None = None,
+    prefix: str = "",
+) -> list[float]:
+    """The training loop QAT and e2e share: AdamW over ``groups`` (``options.weight_decay``, default
+    0), warm-up + cosine schedule, gradient clipping at ``options.max_grad_norm``, ``options.steps``
+    steps of ``options.batch_size`` sequences drawn (seeded) from ``batches``; ``loss_of(ids)`` is
+    the loss. Per step, ``log_step`` gets ``<prefix>train_loss``-style metrics. Returns the losses."""
+    steps, batch_size = int(options["steps"]), int(options["batch_size"])
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=float(options.get("weight_decay", 0.0)))
     warmup = round(steps * float(options["warmup_fraction"]))
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -162,15 +192,14 @@ def fit(
     model.train()
     losses = []
     try:
-        bar = progress(range(steps), "QAT: training steps", "step")
+        bar = progress(range(steps), label, "step")
         for step in bar:
             start = time.perf_counter()
             picked = torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")
-            ids = batches[picked].to(device)
-            loss = loss_on(model, ids, options["loss"], fakes)
+            loss = loss_of(batches[picked].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(weights + scales, float(options["max_grad_norm"]))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(options["max_grad_norm"]))
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
@@ -179,15 +208,14 @@ def fit(
                 log_step(
                     step,
                     {
-                        "train_loss": losses[-1],
-                        "lr": schedule.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "step_s": time.perf_counter() - start,
+                        f"{prefix}train_loss": losses[-1],
+                        f"{prefix}lr": schedule.get_last_lr()[0],
+                        f"{prefix}grad_norm": float(grad_norm),
+                        f"{prefix}step_s": time.perf_counter() - start,
                     },
                 )
     finally:
         model.eval()
-    log.info("QAT: %d steps, loss %.4f -> %.4f", steps, losses[0], losses[-1])
     return losses
 
 
@@ -199,9 +227,15 @@ def loss_on(
     if kind == "ce":
         return model(input_ids=ids, labels=ids, use_cache=False).loss
     with float_teacher(model, fakes or {}) as teacher:
-        target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-    logprobs = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-    return F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+        target = teacher(input_ids=ids, use_cache=False).logits
+    return distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, averaged over positions."""
+    target = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
+    logprobs = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(logprobs, target, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()

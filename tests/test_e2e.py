@@ -7,7 +7,7 @@ import torch
 from conftest import compose_cfg, tiny_llama
 from omegaconf import OmegaConf
 
-from pipeline import run, steps
+from pipeline import run, steps, train
 from pipeline.algorithms import e2e
 from pipeline.quant.linear import QuantLinear
 
@@ -34,7 +34,7 @@ def _quantized(container: dict) -> tuple[torch.nn.Module, dict]:
 
 @torch.no_grad()
 def _kl(model, teacher, ids) -> float:
-    return float(e2e.distillation_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits))
+    return float(train.distillation_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits))
 
 
 def _layers(model) -> dict[str, QuantLinear]:

@@ -19,7 +19,7 @@ from conftest import compose_cfg
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import run
+from pipeline import run, train
 from pipeline.algorithms import e2e
 from pipeline.assets import embedded_model_dir
 from pipeline.data import calibration_batches
@@ -28,7 +28,7 @@ from pipeline.data import calibration_batches
 @torch.no_grad()
 def held_out_kl(model, teacher, ids) -> float:
     losses = [
-        float(e2e.distillation_loss(model(input_ids=b[None]).logits, teacher(input_ids=b[None]).logits)) for b in ids
+        float(train.distillation_loss(model(input_ids=b[None]).logits, teacher(input_ids=b[None]).logits)) for b in ids
     ]
     return sum(losses) / len(losses)
 

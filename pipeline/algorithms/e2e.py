@@ -19,11 +19,9 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.device import module_device
+from pipeline import train
 from pipeline.layers import set_module
-from pipeline.progress import progress
 from pipeline.quant.linear import QuantLinear
 from pipeline.quant.primitives import expand_blocks
 
@@ -96,13 +94,6 @@ class StepSizeLinear(nn.Module):
         return float(((new.float() - old).abs() / old.abs().clamp_min(self._tiny)).mean())
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the vocabulary, averaged over positions."""
-    target = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
-    logprobs = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-    return F.kl_div(logprobs, target, log_target=True, reduction="batchmean")
-
-
 def train_step_sizes(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -130,49 +121,27 @@ def train_step_sizes(
     for name, wrapper in trained.items():
         set_module(model, name, wrapper)
     scales = [w.scale for w in trained.values()]
-    steps, batch_size = int(options["steps"]), int(options["batch_size"])
-    optimizer = torch.optim.AdamW(scales, lr=float(options["lr"]), weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, round(steps * float(options["warmup_fraction"])), steps)
-    generator = torch.Generator().manual_seed(seed)
-    device, losses = module_device(model), []
-    model.train()
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        if options["loss"] == "ce":
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits
+        return train.distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
+
+    losses: list[float] = []
     try:
-        bar = progress(range(steps), "e2e: training the step sizes", "step")
-        for step in bar:
-            step_start = time.perf_counter()
-            picked = torch.randint(0, batches.shape[0], (batch_size,), generator=generator, device="cpu")
-            ids = batches[picked].to(device)
-            if options["loss"] == "kd":
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, use_cache=False).logits
-                loss = distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
-            else:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(scales, float(options["max_grad_norm"]))
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-            if log_step is not None:
-                log_step(
-                    step,
-                    {
-                        "e2e_loss": losses[-1],
-                        "e2e_lr": schedule.get_last_lr()[0],
-                        "e2e_grad_norm": float(grad_norm),
-                        "e2e_step_s": time.perf_counter() - step_start,
-                    },
-                )
+        groups = [{"params": scales, "lr": float(options["lr"])}]
+        label = "e2e: training the step sizes"
+        losses = train.optimize(model, groups, batches, options, seed, loss_of, label, log_step, prefix="e2e_")
     finally:  # the layers go back as they were if training failed, with the trained scales if not
         model.eval()
-        changes = [wrapper.store() for wrapper in trained.values()] if len(losses) == steps else []
+        changes = [wrapper.store() for wrapper in trained.values()] if len(losses) == int(options["steps"]) else []
         for name, wrapper in trained.items():
             set_module(model, name, wrapper.layer)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    log.info("e2e: %d steps, loss %.4f -> %.4f", steps, losses[0], losses[-1])
+    log.info("e2e: %d steps, loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
     return {
         "e2e_s": time.perf_counter() - start,
         "e2e_loss_first": losses[0],
