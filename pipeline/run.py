@@ -348,6 +348,10 @@ def _stages(cfg: DictConfig, container: dict, model_path: str, probe: Probe | No
 def _calibration_batches(tokenizer, data_cfg: dict) -> torch.Tensor:
     batches = calibration_batches(tokenizer, data_cfg)
     tracking.log_dataset(batches, "calibration", data_cfg)
+    corpus = data_cfg["calibration"]["corpus"]
+    if corpus == data_cfg["evaluation"]["corpus"]:  # disjoint documents, but the evaluation's domain
+        log.warning("calibrating on the evaluation corpus %r (its calibration half: no shared document)", corpus)
+        mlflow.set_tag("calibration", f"on the evaluation corpus {corpus} (disjoint documents)")
     return batches
 
 

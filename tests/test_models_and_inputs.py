@@ -161,6 +161,19 @@ def test_calibration_batches_are_seeded(tokenizer):
     assert not torch.equal(a, data.calibration_batches(tokenizer, cfg))
 
 
+def test_a_run_calibrating_on_the_evaluation_corpus_says_so(tokenizer, monkeypatch):
+    tags = {}
+    monkeypatch.setattr(run.mlflow, "set_tag", tags.__setitem__)
+    monkeypatch.setattr(run.tracking, "log_dataset", lambda *_args: None)
+    overrides = ("data.calibration.num_samples=2", "data.calibration.seq_len=16")
+    cfg = OmegaConf.to_container(compose_cfg(*overrides).data, resolve=True)
+    run._calibration_batches(tokenizer, cfg)
+    assert "calibration" not in tags  # fiction calibrates, wikipedia evaluates: different corpora
+    cfg = OmegaConf.to_container(compose_cfg(*overrides, "data.calibration.corpus=wikipedia").data, resolve=True)
+    run._calibration_batches(tokenizer, cfg)
+    assert tags["calibration"] == "on the evaluation corpus wikipedia (disjoint documents)"
+
+
 def test_unknown_method_lists_the_available_ones():
     with pytest.raises(MissingConfigException) as e:
         compose_cfg("method=int3_magic")
