@@ -166,13 +166,10 @@ def explicit_scale_layers(model: nn.Module, layer_names: list[str], ids: torch.T
     found in one forward pass over ``ids`` (one sequence) before anything is quantized."""
     modules = dict(model.named_modules())
     producers = norm_producers(model, layer_names, ids)
-    probe = torch.linspace(0.5, 2.0, 8)
     explicit = set()
     for name in layer_names:
-        producer = producers.get(name)
-        norm = modules[producer] if producer is not None else None
+        norm = modules.get(producers.get(name))
         weight = getattr(norm, "weight", None)
-        s = probe.repeat(weight.numel() // 8 + 1)[: weight.numel()].to(weight.device) if weight is not None else None
-        if s is None or not scales_by_division(norm, s):
+        if weight is None or not scales_by_division(norm, torch.linspace(0.5, 2.0, weight.numel()).to(weight.device)):
             explicit.add(name)
     return explicit

@@ -129,14 +129,12 @@ def train_step_sizes(
             target = teacher(input_ids=ids, use_cache=False).logits
         return train.distillation_loss(model(input_ids=ids, use_cache=False).logits, target)
 
-    losses: list[float] = []
     try:
         groups = [{"params": scales, "lr": float(options["lr"])}]
         label = "e2e: training the step sizes"
         losses = train.optimize(model, groups, batches, options, seed, loss_of, label, log_step, prefix="e2e_")
-    finally:  # the layers go back as they were if training failed, with the trained scales if not
-        model.eval()
-        changes = [wrapper.store() for wrapper in trained.values()] if len(losses) == int(options["steps"]) else []
+        changes = [wrapper.store() for wrapper in trained.values()]  # only once training finished
+    finally:  # the layers go back, with the trained scales if training finished, as they were if not
         for name, wrapper in trained.items():
             set_module(model, name, wrapper.layer)
         for p, flag in frozen.items():

@@ -207,7 +207,7 @@ def sweep_columns_torch(
 @functools.cache
 def _cpu_sweep() -> Callable | None:
     """The C++ column sweep, or None (logged once) where it did not build: the torch loop then runs,
-    with the same codes, ~20x slower."""
+    with the same codes, 1.7-15x slower (experiments/scale/gptq_sweep.md)."""
     outcome = cpp.build("gptq_sweep")
     if not outcome.ok:
         log.warning("the gptq_sweep kernel is not built (%s): GPTQ's column sweep runs in torch ops", outcome.error)

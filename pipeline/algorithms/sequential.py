@@ -191,8 +191,14 @@ def run_blocks(
             state = [(block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in state]
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
+def _track_norm_outputs(root: nn.Module, produced_by: dict[int, tuple[str, torch.Tensor]]) -> list:
+    """Hooks that record each norm layer's output under ``root`` by tensor id (name, output): what
+    activation-aware scaling can fold into. The output is held so that its id cannot be reused."""
+    return [
+        module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
+        for name, module in root.named_modules()
+        if "norm" in type(module).__name__.lower()
+    ]
 
 
 @torch.no_grad()
@@ -200,18 +206,14 @@ def norm_producers(model: nn.Module, layer_names: list[str], ids: torch.Tensor) 
     """For each of ``layer_names`` whose input is a norm layer's output, that norm's name: one
     forward pass over ``ids`` (a sequence of token ids), tracked as ``_record`` tracks them."""
     modules = dict(model.named_modules())
-    produced_by: dict[int, tuple[str, torch.Tensor]] = {}  # outputs held so that ids stay unique
+    produced_by: dict[int, tuple[str, torch.Tensor]] = {}
     found: dict[str, str] = {}
 
     def read(name: str, x: torch.Tensor) -> None:
         if id(x) in produced_by:
             found[name] = produced_by[id(x)][0]
 
-    handles = [
-        module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
-        for name, module in modules.items()
-        if _is_norm(module)
-    ]
+    handles = _track_norm_outputs(model, produced_by)
     handles += [modules[n].register_forward_pre_hook(lambda _m, a, n=n: read(n, a[0])) for n in layer_names]
     try:
         model(input_ids=ids.reshape(1, -1).to(module_device(model)), use_cache=False)
@@ -231,11 +233,7 @@ def _record(block: nn.Module, local: Mapping[str, str], state: list, hessian: bo
     produced_by: dict[int, tuple[str, torch.Tensor]] = {}
     # per batch: the accumulator of each input tensor (x held so its id stays unique)
     products: dict[int, tuple[HessianAccumulator, torch.Tensor]] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _a, out, n=name: produced_by.__setitem__(id(out), (n, out)))
-        for name, module in block.named_modules()
-        if _is_norm(module)
-    ]
+    handles = _track_norm_outputs(block, produced_by)
 
     def record(_module, args, full):
         x = args[0]

@@ -12,7 +12,7 @@ import argparse
 from pipeline.quant.kernels import cpp
 
 FALLBACK_LINEAR = "the layers it would compute run the next kernel in the registry (see the layer table's notes)"
-FALLBACK = {"gptq_sweep": "GPTQ's column sweep runs in torch ops instead: the same codes, ~20x slower"}
+FALLBACK = {"gptq_sweep": "GPTQ's column sweep runs in torch ops instead: the same codes, 1.7-15x slower"}
 
 
 def main() -> None:
